@@ -1,0 +1,122 @@
+"""Dispatchers: move tokens to experts according to a :class:`Routing` and combine the results.
+
+All three are exact for the same routing (tested against a dense reference):
+    ``einsum``: one-hot dispatch/combine tensors [G, S, E, C] and two einsums (the TPU classic; memory
+        grows with S·E·C).
+    ``indices``: scatter token rows into an [E, G, C, D] capacity buffer by (expert, slot), gather back.
+    ``grouped``: no capacity buffer; kept assignments sorted by expert and run through a grouped matmul
+        (``grouped_matmul.gmm``). Dropless routing uses no padding at all.
+
+The two capacity dispatchers call ``experts_ECD(x_ECD) -> y_ECD`` on a buffer of R = G·C rows per expert;
+the grouped one calls ``experts_grouped(x_MD, group_sizes_E) -> y_MD``. The combine is done in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.moe.routing import TOKEN_CHOICE, Routing
+from moe_jax.sharding import constrain
+
+DISPATCHERS = ("einsum", "indices", "grouped")
+
+# Dispatched buffers: experts over the expert mesh axis, groups over the remaining batch axes. The switch
+# from token-sharded x_GSD to expert-sharded x_EGCD is where GSPMD emits the all-to-all.
+_BUFFER_AXES = ("act_expert", "act_batch", "act_capacity", "act_embed")
+
+
+def _run_experts_on_buffer(
+    x_EGCD: jax.Array, experts_ECD: Callable[[jax.Array], jax.Array]
+) -> jax.Array:
+    E, G, C, D = x_EGCD.shape
+    x_EGCD = constrain(x_EGCD, _BUFFER_AXES)
+    y_ECD = experts_ECD(x_EGCD.reshape(E, G * C, D))
+    return constrain(y_ECD.reshape(E, G, C, -1), _BUFFER_AXES)
+
+
+def dispatch_einsum(
+    x_GSD: jax.Array,
+    routing: Routing,
+    num_experts: int,
+    capacity: int,
+    experts_ECD: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+    """One-hot dispatch and combine tensors; returns y_GSD in float32."""
+    G, S, _ = x_GSD.shape
+    E, C = num_experts, capacity
+    kept_GN = routing.kept_GN.astype(jnp.float32)
+    if routing.kind == TOKEN_CHOICE:
+        K = routing.top_k
+        expert_GSKE = jax.nn.one_hot(routing.expert_GN.reshape(G, S, K), E, dtype=jnp.float32)
+        slot_GSKC = jax.nn.one_hot(routing.slot_GN.reshape(G, S, K), C, dtype=jnp.float32)
+        slot_GSKC = slot_GSKC * kept_GN.reshape(G, S, K, 1)
+        dispatch_GSEC = jnp.einsum("gske,gskc->gsec", expert_GSKE, slot_GSKC)
+        weighted_GSKE = expert_GSKE * routing.weight_GN.reshape(G, S, K, 1)
+        combine_GSEC = jnp.einsum("gske,gskc->gsec", weighted_GSKE, slot_GSKC)
+    else:
+        # Expert choice lists assignments expert-major with slot = position: [G, E, C] directly.
+        token_GECS = jax.nn.one_hot(routing.token_GN.reshape(G, E, C), S, dtype=jnp.float32)
+        token_GECS = token_GECS * kept_GN.reshape(G, E, C, 1)
+        dispatch_GSEC = jnp.einsum("gecs->gsec", token_GECS)
+        combine_GSEC = jnp.einsum("gecs,gec->gsec", token_GECS, routing.weight_GN.reshape(G, E, C))
+    x_EGCD = jnp.einsum("gsec,gsd->egcd", dispatch_GSEC.astype(x_GSD.dtype), x_GSD)
+    y_EGCD = _run_experts_on_buffer(x_EGCD, experts_ECD)
+    return jnp.einsum("gsec,egcd->gsd", combine_GSEC, y_EGCD.astype(jnp.float32))
+
+
+def dispatch_indices(
+    x_GSD: jax.Array,
+    routing: Routing,
+    num_experts: int,
+    capacity: int,
+    experts_ECD: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+    """Scatter rows into an [E, G, C, D] buffer by (expert, slot); gather back; returns y_GSD in float32."""
+    G, S, D = x_GSD.shape
+    E, C = num_experts, capacity
+    group_GN = jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32)[:, None], routing.expert_GN.shape)
+    # Assignments that are not kept point one past the buffer and are dropped by the scatter.
+    slot_GN = jnp.where(routing.kept_GN, routing.slot_GN, C)
+    x_GND = jnp.take_along_axis(x_GSD, routing.token_GN[..., None], axis=1)
+    x_EGCD = jnp.zeros((E, G, C, D), x_GSD.dtype).at[routing.expert_GN, group_GN, slot_GN].set(
+        x_GND, mode="drop"
+    )
+    y_EGCD = _run_experts_on_buffer(x_EGCD, experts_ECD)
+    y_GND = y_EGCD.at[routing.expert_GN, group_GN, jnp.minimum(slot_GN, C - 1)].get(mode="clip")
+    y_GND = y_GND.astype(jnp.float32) * routing.weight_GN[..., None]
+    return _combine_assignments(y_GND, routing, S)
+
+
+def dispatch_grouped(
+    x_GSD: jax.Array,
+    routing: Routing,
+    num_experts: int,
+    experts_grouped: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """Sort kept assignments by expert, one grouped matmul per projection; returns y_GSD in float32."""
+    G, S, D = x_GSD.shape
+    E = num_experts
+    # Dropped assignments get the sentinel expert E: they sort last and fall outside every group.
+    expert_M = jnp.where(routing.kept_GN, routing.expert_GN, E).reshape(-1)
+    row_M = (routing.token_GN + S * jnp.arange(G, dtype=jnp.int32)[:, None]).reshape(-1)
+    order_M = jnp.argsort(expert_M, stable=True)
+    group_sizes_E = jnp.bincount(expert_M, length=E + 1)[:E].astype(jnp.int32)
+    x_MD = jnp.take(x_GSD.reshape(G * S, D), jnp.take(row_M, order_M), axis=0)
+    y_MD = experts_grouped(x_MD, group_sizes_E)
+    y_MD = y_MD.astype(jnp.float32) * jnp.take(routing.weight_GN.reshape(-1), order_M)[:, None]
+    # Back to assignment order, then to tokens.
+    y_GND = jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(G, -1, y_MD.shape[-1])
+    return _combine_assignments(y_GND, routing, S)
+
+
+def _combine_assignments(y_GND: jax.Array, routing: Routing, tokens_per_group: int) -> jax.Array:
+    """Sums weighted assignment outputs into their tokens."""
+    G, N, D = y_GND.shape
+    if routing.kind == TOKEN_CHOICE:
+        # Token-major assignments: the K outputs of a token are adjacent.
+        return y_GND.reshape(G, tokens_per_group, routing.top_k, D).sum(axis=2)
+    group_GN = jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32)[:, None], (G, N))
+    return jnp.zeros((G, tokens_per_group, D), y_GND.dtype).at[group_GN, routing.token_GN].add(y_GND)

@@ -1,0 +1,80 @@
+"""Expert feed-forward networks: activations, stacked expert FFNs on capacity buffers, grouped rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.moe import grouped_matmul
+
+# name -> (elementwise function, gated?)
+ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], bool]] = {
+    "swiglu": (jax.nn.silu, True),
+    "geglu": (lambda x: jax.nn.gelu(x, approximate=False), True),
+    "gelu": (lambda x: jax.nn.gelu(x, approximate=False), False),
+    "relu": (jax.nn.relu, False),
+    "silu": (jax.nn.silu, False),
+}
+
+
+def check_activation(activation: str) -> tuple[Callable[[jax.Array], jax.Array], bool]:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[activation]
+
+
+def ffn_hidden(gate: jax.Array | None, up: jax.Array, activation: str) -> jax.Array:
+    """act(gate) · up for gated activations, act(up) otherwise."""
+    fn, gated = ACTIVATIONS[activation]
+    return fn(gate) * up if gated else fn(up)
+
+
+def expert_ffn_ECD(
+    x_ECD: jax.Array,
+    w_gate_EDF: jax.Array | None,
+    w_up_EDF: jax.Array,
+    w_down_EFD: jax.Array,
+    activation: str,
+) -> jax.Array:
+    """Every expert on its own rows: batched matmuls over the leading expert dim."""
+    up_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, w_up_EDF)
+    gate_ECF = None if w_gate_EDF is None else jnp.einsum("ecd,edf->ecf", x_ECD, w_gate_EDF)
+    return jnp.einsum("ecf,efd->ecd", ffn_hidden(gate_ECF, up_ECF, activation), w_down_EFD)
+
+
+def expert_ffn_grouped(
+    x_MD: jax.Array,
+    group_sizes_E: jax.Array,
+    w_gate_EDF: jax.Array | None,
+    w_up_EDF: jax.Array,
+    w_down_EFD: jax.Array,
+    activation: str,
+    backend: str = "auto",
+) -> jax.Array:
+    """Expert FFN on rows sorted by expert (``group_sizes_E`` rows each; rows past their sum give zero).
+
+    Gated activations fuse gate and up into one grouped matmul of width 2F.
+    """
+    if w_gate_EDF is None:
+        up_MF = grouped_matmul.gmm(x_MD, w_up_EDF, group_sizes_E, backend=backend)
+        hidden_MF = ffn_hidden(None, up_MF, activation)
+    else:
+        F = w_up_EDF.shape[-1]
+        w_gate_up_ED2F = jnp.concatenate([w_gate_EDF, w_up_EDF], axis=-1)
+        gate_up_M2F = grouped_matmul.gmm(x_MD, w_gate_up_ED2F, group_sizes_E, backend=backend)
+        hidden_MF = ffn_hidden(gate_up_M2F[:, :F], gate_up_M2F[:, F:], activation)
+    return grouped_matmul.gmm(hidden_MF, w_down_EFD, group_sizes_E, backend=backend)
+
+
+def dense_ffn(
+    x_TD: jax.Array,
+    w_gate_DF: jax.Array | None,
+    w_up_DF: jax.Array,
+    w_down_FD: jax.Array,
+    activation: str,
+) -> jax.Array:
+    """A dense FFN (shared experts; the benchmark's baseline)."""
+    gate_TF = None if w_gate_DF is None else x_TD @ w_gate_DF
+    return ffn_hidden(gate_TF, x_TD @ w_up_DF, activation) @ w_down_FD

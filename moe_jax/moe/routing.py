@@ -1,0 +1,222 @@
+"""Routers: router logits -> a :class:`Routing` record of assignments, gates, capacity slots and metrics.
+
+An *assignment* is one (token, expert) pair with a combine weight. Per group there are N assignments:
+token choice lists them token-major (``n = s·K + k``), expert choice expert-major (``n = e·C + c``).
+Every assignment also gets a *slot*, its position in the expert's capacity buffer of the group, given by the
+priority order; an assignment is *kept* when its token is real (not padding) and its slot is below capacity.
+
+Everything here runs in float32 whatever the layer's compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+TOKEN_CHOICE = "token_choice"
+EXPERT_CHOICE = "expert_choice"
+ROUTERS = (TOKEN_CHOICE, EXPERT_CHOICE)
+
+
+@struct.dataclass
+class Routing:
+    """Where every assignment goes.
+
+    Attributes:
+        expert_GN: expert of each assignment, int32.
+        token_GN: token (position within its group) of each assignment, int32.
+        weight_GN: combine weight, float32; zero where not kept.
+        slot_GN: slot within the expert's capacity buffer of the group, int32.
+        kept_GN: whether the assignment contributes.
+        kind: ``token_choice`` or ``expert_choice`` (static).
+        top_k: K for token choice; for expert choice the nominal experts per token (static).
+        aux: losses and metrics (scalars and [E] arrays), see :func:`routing_aux`.
+    """
+
+    expert_GN: jax.Array
+    token_GN: jax.Array
+    weight_GN: jax.Array
+    slot_GN: jax.Array
+    kept_GN: jax.Array
+    aux: dict
+    kind: str = struct.field(pytree_node=False, default=TOKEN_CHOICE)
+    top_k: int = struct.field(pytree_node=False, default=1)
+
+
+def capacity_per_group(tokens_per_group: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """C = ceil(K · S · capacity_factor / E), at least 1."""
+    return max(1, math.ceil(top_k * tokens_per_group * capacity_factor / num_experts))
+
+
+def _slots_by_priority(expert_GN: jax.Array, priority_GN: jax.Array, num_experts: int) -> jax.Array:
+    """Slot of each assignment: how many assignments to the same expert come earlier in priority.
+
+    ``priority_GN`` must hold distinct integers in [0, 2N). One stable sort per group by (expert, priority)
+    gives every expert's assignments in priority order; the slot is the rank inside that run.
+    """
+    n = expert_GN.shape[-1]
+    key_GN = expert_GN.astype(jnp.int32) * (2 * n) + priority_GN.astype(jnp.int32)
+    order_GN = jnp.argsort(key_GN, axis=-1, stable=True)
+    rank_GN = jnp.zeros_like(order_GN).at[
+        jnp.arange(order_GN.shape[0])[:, None], order_GN
+    ].set(jnp.broadcast_to(jnp.arange(n, dtype=order_GN.dtype), order_GN.shape))
+    counts_GE = jax.nn.one_hot(expert_GN, num_experts, dtype=jnp.int32).sum(axis=1)
+    start_GE = jnp.cumsum(counts_GE, axis=-1) - counts_GE
+    return rank_GN - jnp.take_along_axis(start_GE, expert_GN, axis=-1)
+
+
+def route_token_choice(
+    logits_GSE: jax.Array,
+    *,
+    top_k: int,
+    capacity: int | None,
+    normalize_gates: bool,
+    batch_prioritized: bool = False,
+    selection_bias_E: jax.Array | None = None,
+    mask_GS: jax.Array | None = None,
+) -> Routing:
+    """Softmax top-K token-choice routing (K=1 is Switch).
+
+    Args:
+        logits_GSE: router logits (cast to float32).
+        top_k: experts per token.
+        capacity: slots per expert per group; ``None`` is dropless.
+        normalize_gates: renormalise each token's K gates to sum to one (Mixtral); Switch (K=1) does not.
+        batch_prioritized: capacity priority by the token's top-1 gate (descending) instead of position.
+            In both cases all first choices come before all second choices, and so on.
+        selection_bias_E: per-expert bias added to the probabilities for *selection only* (aux-loss-free
+            balancing); gates come from the unbiased probabilities.
+        mask_GS: True for real tokens; padding is never routed and is left out of losses and metrics.
+    """
+    logits_GSE = logits_GSE.astype(jnp.float32)
+    G, S, E = logits_GSE.shape
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    scores_GSE = probs_GSE if selection_bias_E is None else probs_GSE + selection_bias_E.astype(jnp.float32)
+    _, expert_GSK = jax.lax.top_k(scores_GSE, top_k)
+    gates_GSK = jnp.take_along_axis(probs_GSE, expert_GSK, axis=-1)
+    if normalize_gates:
+        gates_GSK = gates_GSK / jnp.sum(gates_GSK, axis=-1, keepdims=True)
+    mask_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
+
+    # Priority: k-major (all first choices first), then token order within each k.
+    if batch_prioritized:
+        top1_GS = jnp.max(probs_GSE, axis=-1)
+        order_GS = jnp.argsort(-top1_GS, axis=-1, stable=True)
+        token_rank_GS = jnp.zeros_like(order_GS).at[jnp.arange(G)[:, None], order_GS].set(
+            jnp.broadcast_to(jnp.arange(S, dtype=order_GS.dtype), (G, S))
+        )
+    else:
+        token_rank_GS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (G, S))
+    priority_GSK = jnp.arange(top_k, dtype=jnp.int32) * S + token_rank_GS[..., None]
+    # Padding goes last so it never takes a slot from a real token.
+    priority_GSK = priority_GSK + jnp.where(mask_GS, 0, S * top_k)[..., None]
+
+    expert_GN = expert_GSK.reshape(G, S * top_k).astype(jnp.int32)
+    slot_GN = _slots_by_priority(expert_GN, priority_GSK.reshape(G, -1), E)
+    valid_GN = jnp.repeat(mask_GS, top_k, axis=1)
+    kept_GN = valid_GN if capacity is None else valid_GN & (slot_GN < capacity)
+    weight_GN = jnp.where(kept_GN, gates_GSK.reshape(G, -1), 0.0)
+    token_GN = jnp.repeat(jnp.arange(S, dtype=jnp.int32)[None], G, axis=0)
+    token_GN = jnp.repeat(token_GN, top_k, axis=1)
+
+    aux = routing_aux(
+        logits_GSE, probs_GSE, mask_GS, expert_GN, valid_GN,
+        dropped_fraction=1.0 - kept_GN.sum() / jnp.maximum(valid_GN.sum(), 1),
+    )
+    return Routing(expert_GN, token_GN, weight_GN, slot_GN, kept_GN, aux, TOKEN_CHOICE, top_k)
+
+
+def route_expert_choice(
+    logits_GSE: jax.Array,
+    *,
+    capacity: int,
+    top_k: int,
+    selection_bias_E: jax.Array | None = None,
+    mask_GS: jax.Array | None = None,
+) -> Routing:
+    """Expert-choice routing: each expert takes the ``capacity`` tokens of the group it scores highest.
+
+    The combine weight is the token's router probability for that expert (softmax over experts). A token
+    may be taken by several experts or by none; "dropped" then means taken by none. Ties go to the earlier
+    token. Padding is never taken (if an expert has more slots than real tokens, the rest stay empty).
+    """
+    logits_GSE = logits_GSE.astype(jnp.float32)
+    G, S, E = logits_GSE.shape
+    capacity = min(capacity, S)
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    scores_GSE = probs_GSE if selection_bias_E is None else probs_GSE + selection_bias_E.astype(jnp.float32)
+    mask_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
+    # Probabilities are >= 0 (and bias is bounded), so -inf keeps padding out of every expert's top-C.
+    scores_GES = jnp.where(mask_GS[:, None, :], jnp.swapaxes(scores_GSE, 1, 2), -jnp.inf)
+    _, token_GEC = jax.lax.top_k(scores_GES, capacity)
+    probs_GES = jnp.swapaxes(probs_GSE, 1, 2)
+    weight_GEC = jnp.take_along_axis(probs_GES, token_GEC, axis=-1)
+    kept_GEC = jnp.take_along_axis(jnp.broadcast_to(mask_GS[:, None, :], (G, E, S)), token_GEC, axis=-1)
+
+    n = E * capacity
+    token_GN = token_GEC.reshape(G, n).astype(jnp.int32)
+    kept_GN = kept_GEC.reshape(G, n)
+    expert_GN = jnp.broadcast_to(jnp.repeat(jnp.arange(E, dtype=jnp.int32), capacity), (G, n))
+    slot_GN = jnp.broadcast_to(jnp.tile(jnp.arange(capacity, dtype=jnp.int32), E), (G, n))
+    weight_GN = jnp.where(kept_GN, weight_GEC.reshape(G, n), 0.0)
+
+    taken_GS = jnp.zeros((G, S), bool).at[jnp.arange(G)[:, None], token_GN].max(kept_GN)
+    aux = routing_aux(
+        logits_GSE, probs_GSE, mask_GS, expert_GN, kept_GN,
+        dropped_fraction=1.0 - (taken_GS & mask_GS).sum() / jnp.maximum(mask_GS.sum(), 1),
+    )
+    return Routing(expert_GN, token_GN, weight_GN, slot_GN, kept_GN, aux, EXPERT_CHOICE, top_k)
+
+
+def routing_aux(
+    logits_GSE: jax.Array,
+    probs_GSE: jax.Array,
+    mask_GS: jax.Array,
+    expert_GN: jax.Array,
+    counted_GN: jax.Array,
+    dropped_fraction: jax.Array,
+) -> dict:
+    """Auxiliary losses and routing metrics over the real tokens.
+
+    Returns:
+        load_balancing_loss: E · Σ_e f_e · P_e, f_e the share of assignments routed to e (before capacity
+            drops), P_e the mean router probability of e.
+        router_z_loss: mean over tokens of logsumexp(logits)².
+        expert_load: f_e, [E], sums to one.
+        dropped_fraction: share of assignments (token choice) or tokens (expert choice) that contribute
+            nothing.
+        router_entropy: mean over tokens of the entropy of the router distribution (nats).
+        max_load_ratio: max_e f_e / mean_e f_e (1 is perfectly balanced).
+    """
+    E = logits_GSE.shape[-1]
+    maskf_GS = mask_GS.astype(jnp.float32)
+    num_tokens = jnp.maximum(maskf_GS.sum(), 1.0)
+    counts_E = jnp.sum(jax.nn.one_hot(expert_GN, E, dtype=jnp.float32) * counted_GN[..., None], axis=(0, 1))
+    load_E = counts_E / jnp.maximum(counts_E.sum(), 1.0)
+    mean_prob_E = jnp.sum(probs_GSE * maskf_GS[..., None], axis=(0, 1)) / num_tokens
+    lse_GS = jax.nn.logsumexp(logits_GSE, axis=-1)
+    entropy_GS = -jnp.sum(probs_GSE * jnp.log(jnp.maximum(probs_GSE, 1e-30)), axis=-1)
+    return {
+        "load_balancing_loss": E * jnp.sum(load_E * mean_prob_E),
+        "router_z_loss": jnp.sum(jnp.square(lse_GS) * maskf_GS) / num_tokens,
+        "expert_load": load_E,
+        "dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32),
+        "router_entropy": jnp.sum(entropy_GS * maskf_GS) / num_tokens,
+        "max_load_ratio": jnp.max(load_E) * E,
+    }
+
+
+def update_selection_bias(
+    bias_E: jax.Array, expert_load_E: jax.Array, update_rate: float = 1e-3
+) -> jax.Array:
+    """Aux-loss-free balancing update (DeepSeek-V3): b_e += rate · sign(mean load − load_e).
+
+    Overloaded experts get a lower selection bias, underloaded ones a higher; the bias only changes which
+    experts are selected, never the gate values. Call it from the training loop after each step with the
+    step's ``aux["expert_load"]`` of the layer.
+    """
+    mean_load = jnp.mean(expert_load_E)
+    return bias_E + update_rate * jnp.sign(mean_load - expert_load_E).astype(bias_E.dtype)

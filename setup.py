@@ -1,0 +1,45 @@
+"""Installs moe_jax: sparse Mixture-of-Experts in JAX/Flax with expert parallelism."""
+
+import setuptools
+
+# Lower bounds are what resolves on Python 3.11 today (jax 0.10.2 on CPU hosts, 0.11.2 on the GPU host).
+INSTALL_REQUIRES = [
+    "jax>=0.10",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "numpy>=1.26",
+    "orbax-checkpoint>=0.12",
+    "tensorflow-datasets>=4.9.10",
+    "grain>=0.2.18",
+    "ml-collections>=1.1",
+    "sentencepiece>=0.2",
+    "sacrebleu>=2.4",
+    "rouge-score>=0.1.2",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+    "absl-py>=2.1",
+    # TFDS reads builders that live inside a package through importlib_resources.
+    "importlib_resources>=6.0",
+    # Offline image-recognition data (8x8 digits) ships inside scikit-learn.
+    "scikit-learn>=1.4",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "scipy>=1.11"],
+    # Preparing real TFDS datasets (wmt14, cnn_dailymail, ...) needs TensorFlow.
+    "tf": ["tensorflow-cpu>=2.16"],
+    "gpu": ["jax[cuda12]>=0.10"],
+}
+
+setuptools.setup(
+    name="moe_jax",
+    version="0.1.0",
+    description="Sparse Mixture-of-Experts models with expert parallelism in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["moe_jax", "moe_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["moe-jax-train=moe_jax.main:run"]},
+)
