@@ -1,0 +1,194 @@
+"""Independent references for the MoE layer.
+
+``reference_routing`` decides routing in float64 NumPy with plain Python loops (no sorting tricks shared
+with the library); ``reference_forward`` evaluates *every* expert on *every* token in float64 and masks by
+that routing; ``dense_jax_forward`` is the same computation as a differentiable float64 JAX function (routing
+decisions held fixed) for gradient references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.special import erf
+
+
+@dataclasses.dataclass
+class RefRouting:
+    expert: np.ndarray  # [T, n] expert of each assignment, -1 for none
+    gate_index: np.ndarray  # [T, n] which selected slot (k) of the token, for gradient references
+    kept: np.ndarray  # [T, n] bool
+    dropped_fraction: float
+    expert_load: np.ndarray  # [E]
+
+
+def _softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def act_np(name, gate, up):
+    silu = lambda v: v / (1.0 + np.exp(-v))
+    gelu = lambda v: 0.5 * v * (1.0 + erf(v / math.sqrt(2.0)))
+    return {
+        "swiglu": lambda: silu(gate) * up,
+        "geglu": lambda: gelu(gate) * up,
+        "gelu": lambda: gelu(up),
+        "relu": lambda: np.maximum(up, 0.0),
+        "silu": lambda: silu(up),
+    }[name]()
+
+
+def layer_params(layer) -> dict:
+    get = lambda p: None if p is None else np.asarray(p[...], np.float64)
+    params = {
+        "router": get(layer.router),
+        "w_gate": get(layer.w_gate),
+        "w_up": get(layer.w_up),
+        "w_down": get(layer.w_down),
+    }
+    if layer.num_shared_experts:
+        params |= {
+            "shared_w_gate": get(layer.shared_w_gate),
+            "shared_w_up": get(layer.shared_w_up),
+            "shared_w_down": get(layer.shared_w_down),
+        }
+    params["bias"] = None if layer.selection_bias is None else get(layer.selection_bias)
+    return params
+
+
+def reference_routing(
+    logits_GSE: np.ndarray,
+    *,
+    router: str,
+    top_k: int,
+    capacity: int | None,
+    normalize_gates: bool,
+    batch_prioritized: bool = False,
+    bias_E: np.ndarray | None = None,
+    mask_GS: np.ndarray | None = None,
+):
+    """Returns (gates [G, S, E] combine weights, RefRouting-like dict of metrics)."""
+    G, S, E = logits_GSE.shape
+    probs = _softmax(logits_GSE.astype(np.float64))
+    scores = probs if bias_E is None else probs + bias_E
+    mask = np.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
+    combine = np.zeros((G, S, E))
+    selected = np.zeros((G, S, E))  # token choice: every top-K choice, before capacity drops
+    counts = np.zeros(E)
+    kept_total = valid_total = 0
+    taken = np.zeros((G, S), bool)
+    for g in range(G):
+        if router == "token_choice":
+            choice = np.argsort(-scores[g], axis=-1, kind="stable")[:, :top_k]  # ties: lower index first
+            np.put_along_axis(selected[g], choice, 1.0, axis=-1)
+            gate = np.take_along_axis(probs[g], choice, axis=-1)
+            if normalize_gates:
+                gate = gate / gate.sum(axis=-1, keepdims=True)
+            if batch_prioritized:
+                order = np.argsort(-probs[g].max(axis=-1), kind="stable")
+            else:
+                order = np.arange(S)
+            fill = np.zeros(E, int)
+            for k in range(top_k):
+                for s in order:
+                    if not mask[g, s]:
+                        continue
+                    e = choice[s, k]
+                    counts[e] += 1
+                    valid_total += 1
+                    if capacity is None or fill[e] < capacity:
+                        fill[e] += 1
+                        combine[g, s, e] += gate[s, k]
+                        kept_total += 1
+        else:
+            c = min(capacity, S)
+            for e in range(E):
+                cand = [s for s in np.argsort(-scores[g, :, e], kind="stable") if mask[g, s]][:c]
+                for s in cand:
+                    combine[g, s, e] += probs[g, s, e]
+                    taken[g, s] = True
+                    counts[e] += 1
+    if router == "token_choice":
+        dropped = 1.0 - kept_total / max(valid_total, 1)
+    else:
+        dropped = 1.0 - (taken & mask).sum() / max(mask.sum(), 1)
+    load = counts / max(counts.sum(), 1)
+    mask_f = mask.astype(np.float64)
+    n_tok = max(mask_f.sum(), 1.0)
+    mean_prob = (probs * mask_f[..., None]).sum(axis=(0, 1)) / n_tok
+    m = logits_GSE.max(axis=-1, keepdims=True)
+    lse = (m + np.log(np.exp(logits_GSE - m).sum(axis=-1, keepdims=True)))[..., 0]
+    entropy = -(probs * np.log(np.maximum(probs, 1e-300))).sum(axis=-1)
+    metrics = {
+        "load_balancing_loss": E * float((load * mean_prob).sum()),
+        "router_z_loss": float((lse**2 * mask_f).sum() / n_tok),
+        "expert_load": load,
+        "dropped_fraction": dropped,
+        "router_entropy": float((entropy * mask_f).sum() / n_tok),
+        "max_load_ratio": float(load.max() * E),
+        "_selected": selected,
+    }
+    return combine, metrics
+
+
+def expert_outputs_np(x_TD, params, activation):
+    """Every expert on every token: [E, T, D] in float64."""
+    up = np.einsum("td,edf->etf", x_TD, params["w_up"])
+    gate = None if params["w_gate"] is None else np.einsum("td,edf->etf", x_TD, params["w_gate"])
+    return np.einsum("etf,efd->etd", act_np(activation, gate, up), params["w_down"])
+
+
+def reference_forward(x_BLD, params, *, activation="swiglu", group_size=None, mask_BL=None, **route_kw):
+    """float64 forward of the whole layer; returns (y_BLD, metrics, combine_GSE)."""
+    x = np.asarray(x_BLD, np.float64)
+    B, L, D = x.shape
+    G, S = (B, L) if group_size is None else (B * L // group_size, group_size)
+    x_GSD = x.reshape(G, S, D)
+    logits = x_GSD @ params["router"]
+    mask_GS = None if mask_BL is None else np.asarray(mask_BL).reshape(G, S)
+    combine, metrics = reference_routing(logits, bias_E=params.get("bias"), mask_GS=mask_GS, **route_kw)
+    outs_ETD = expert_outputs_np(x_GSD.reshape(G * S, D), params, activation)
+    y = np.einsum("te,etd->td", combine.reshape(G * S, -1), outs_ETD)
+    if params.get("shared_w_up") is not None:
+        up = x_GSD.reshape(G * S, D) @ params["shared_w_up"]
+        gate = None if params["shared_w_gate"] is None else x_GSD.reshape(G * S, D) @ params["shared_w_gate"]
+        y = y + act_np(activation, gate, up) @ params["shared_w_down"]
+    return y.reshape(B, L, D), metrics, combine
+
+
+def dense_jax_forward(params, x_BLD, combine_GSE, *, activation, normalize_gates, router, group_size=None):
+    """Differentiable float64 reference with fixed routing decisions (which (token, expert) pairs count).
+
+    Gates are recomputed from the router so gradients flow into it exactly as in the layer: token choice
+    uses softmax probabilities of the selected experts (renormalised over the token's selected set when
+    ``normalize_gates``); expert choice uses the raw probabilities.
+    """
+    B, L, D = x_BLD.shape
+    G, S = (B, L) if group_size is None else (B * L // group_size, group_size)
+    x_TD = x_BLD.reshape(G * S, D)
+    selected_TE = jnp.asarray(combine_GSE.reshape(G * S, -1) != 0, jnp.float64)
+    probs_TE = jax.nn.softmax(x_TD @ params["router"], axis=-1)
+    if router == "token_choice" and normalize_gates:
+        # Every selected expert of a token (kept or dropped) is in the normaliser: recover the selection set
+        # from the reference, passed in through params["selected_all"].
+        denom_T = jnp.sum(probs_TE * params["selected_all"], axis=-1, keepdims=True)
+        weights_TE = probs_TE / denom_T * selected_TE
+    else:
+        weights_TE = probs_TE * selected_TE
+    up = jnp.einsum("td,edf->etf", x_TD, params["w_up"])
+    if params["w_gate"] is None:
+        hidden = {"gelu": lambda u: jax.nn.gelu(u, approximate=False), "relu": jax.nn.relu,
+                  "silu": jax.nn.silu}[activation](up)
+    else:
+        g = jnp.einsum("td,edf->etf", x_TD, params["w_gate"])
+        fn = jax.nn.silu if activation == "swiglu" else (lambda u: jax.nn.gelu(u, approximate=False))
+        hidden = fn(g) * up
+    outs_ETD = jnp.einsum("etf,efd->etd", hidden, params["w_down"])
+    y_TD = jnp.einsum("te,etd->td", weights_TE, outs_ETD)
+    return y_TD.reshape(B, L, D)
