@@ -1,5 +1,7 @@
 """Installs moe_jax: sparse Mixture-of-Experts in JAX/Flax with expert parallelism."""
 
+import pathlib
+
 import setuptools
 
 # Lower bounds are what resolves on Python 3.11 today (jax 0.10.2 on CPU hosts, 0.11.2 on the GPU host).
@@ -35,7 +37,7 @@ setuptools.setup(
     name="moe_jax",
     version="0.1.0",
     description="Sparse Mixture-of-Experts models with expert parallelism in JAX/Flax.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["moe_jax", "moe_jax.*"]),
     python_requires=">=3.10",

@@ -88,9 +88,7 @@ def logical_to_spec(
     for name in logical_axes:
         target = table.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(
-            a for a in axes if a not in used and (mesh_axis_names is None or a in mesh_axis_names)
-        )
+        axes = tuple(a for a in axes if a not in used and (mesh_axis_names is None or a in mesh_axis_names))
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     while spec and spec[-1] is None:

@@ -183,8 +183,11 @@ def dense_jax_forward(params, x_BLD, combine_GSE, *, activation, normalize_gates
         weights_TE = probs_TE * selected_TE
     up = jnp.einsum("td,edf->etf", x_TD, params["w_up"])
     if params["w_gate"] is None:
-        hidden = {"gelu": lambda u: jax.nn.gelu(u, approximate=False), "relu": jax.nn.relu,
-                  "silu": jax.nn.silu}[activation](up)
+        hidden = {
+            "gelu": lambda u: jax.nn.gelu(u, approximate=False),
+            "relu": jax.nn.relu,
+            "silu": jax.nn.silu,
+        }[activation](up)
     else:
         g = jnp.einsum("td,edf->etf", x_TD, params["w_gate"])
         fn = jax.nn.silu if activation == "swiglu" else (lambda u: jax.nn.gelu(u, approximate=False))

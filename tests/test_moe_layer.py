@@ -45,9 +45,15 @@ def run_reference(layer, x, *, mask=None, capacity_factor="layer"):
     cf = layer.capacity_factor if capacity_factor == "layer" else capacity_factor
     S = x.shape[1] if layer.group_size is None else layer.group_size
     return ref.reference_forward(
-        np.asarray(x), ref.layer_params(layer), activation=layer.activation, group_size=layer.group_size,
-        mask_BL=None if mask is None else np.asarray(mask), router=layer.router_type, top_k=layer.top_k,
-        capacity=ref_capacity(layer, S, cf), normalize_gates=layer.normalize_gates,
+        np.asarray(x),
+        ref.layer_params(layer),
+        activation=layer.activation,
+        group_size=layer.group_size,
+        mask_BL=None if mask is None else np.asarray(mask),
+        router=layer.router_type,
+        top_k=layer.top_k,
+        capacity=ref_capacity(layer, S, cf),
+        normalize_gates=layer.normalize_gates,
         batch_prioritized=layer.batch_prioritized,
     )
 
@@ -57,8 +63,14 @@ def assert_close(actual, expected, tol, what=""):
 
 
 def check_aux(aux, metrics):
-    for name in ("load_balancing_loss", "router_z_loss", "dropped_fraction", "router_entropy",
-                 "max_load_ratio", "expert_load"):
+    for name in (
+        "load_balancing_loss",
+        "router_z_loss",
+        "dropped_fraction",
+        "router_entropy",
+        "max_load_ratio",
+        "expert_load",
+    ):
         assert_close(aux[name], metrics[name], F32_FWD_TOL, name)
 
 
@@ -66,8 +78,9 @@ def check_aux(aux, metrics):
 @pytest.mark.parametrize("dispatch", ["einsum", "indices", "grouped"])
 @pytest.mark.parametrize("router", list(ROUTERS))
 def test_forward_and_gradients_match_reference(router, dispatch, capacity_factor):
-    layer = MoeLayer(D, F, E, K, capacity_factor=capacity_factor, dispatch=dispatch, rngs=nnx.Rngs(0),
-                     **ROUTERS[router])
+    layer = MoeLayer(
+        D, F, E, K, capacity_factor=capacity_factor, dispatch=dispatch, rngs=nnx.Rngs(0), **ROUTERS[router]
+    )
     x = make_inputs(1)
     y, aux = layer(x)
     y_ref, metrics, combine = run_reference(layer, x)
@@ -90,8 +103,14 @@ def test_forward_and_gradients_match_reference(router, dispatch, capacity_factor
         p64["selected_all"] = jnp.asarray(metrics["_selected"].reshape(-1, E))
 
         def ref_loss(p, xx):
-            y = ref.dense_jax_forward(p, xx, combine, activation=layer.activation,
-                                      normalize_gates=layer.normalize_gates, router=layer.router_type)
+            y = ref.dense_jax_forward(
+                p,
+                xx,
+                combine,
+                activation=layer.activation,
+                normalize_gates=layer.normalize_gates,
+                router=layer.router_type,
+            )
             return jnp.sum(y * jnp.asarray(np.asarray(r), jnp.float64))
 
         wrt = {k: p64[k] for k in ("router", "w_gate", "w_up", "w_down")}
@@ -116,8 +135,18 @@ def test_activations_match_reference(activation):
 @pytest.mark.parametrize("dispatch", ["einsum", "indices", "grouped"])
 def test_padding_mask_group_size_shared_experts(dispatch):
     """Padding is never routed, capacity per explicit group, shared experts added: all at once."""
-    layer = MoeLayer(D, F, E, K, capacity_factor=1.25, group_size=8, num_shared_experts=2, shared_d_ff=8,
-                     dispatch=dispatch, rngs=nnx.Rngs(5))
+    layer = MoeLayer(
+        D,
+        F,
+        E,
+        K,
+        capacity_factor=1.25,
+        group_size=8,
+        num_shared_experts=2,
+        shared_d_ff=8,
+        dispatch=dispatch,
+        rngs=nnx.Rngs(5),
+    )
     x = make_inputs(6)
     mask = jnp.arange(L)[None, :] < jnp.array([[12], [16]])
     y, aux = layer(x, mask_BL=mask)
@@ -167,8 +196,9 @@ def test_jit_matches_eager():
 
 
 def test_eval_mode_uses_eval_capacity_and_no_jitter():
-    layer = MoeLayer(D, F, E, K, capacity_factor=0.5, eval_capacity_factor=2.0, jitter_noise=0.1,
-                     rngs=nnx.Rngs(15))
+    layer = MoeLayer(
+        D, F, E, K, capacity_factor=0.5, eval_capacity_factor=2.0, jitter_noise=0.1, rngs=nnx.Rngs(15)
+    )
     x = make_inputs(16)
     y_train, aux_train = layer(x)
     layer.eval()

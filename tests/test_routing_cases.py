@@ -29,8 +29,9 @@ def set_router(layer, kernel):
 @pytest.mark.parametrize("dispatch", ["einsum", "indices", "grouped"])
 def test_all_tokens_to_one_expert_with_capacity(dispatch):
     """Every token prefers expert 0; C = ceil(1·8·1.0/4) = 2 keeps exactly the first two positions."""
-    layer = MoeLayer(4, 8, 4, 1, capacity_factor=1.0, normalize_gates=False, dispatch=dispatch,
-                     rngs=nnx.Rngs(0))
+    layer = MoeLayer(
+        4, 8, 4, 1, capacity_factor=1.0, normalize_gates=False, dispatch=dispatch, rngs=nnx.Rngs(0)
+    )
     set_router(layer, np.eye(4, dtype=np.float32)[:, [0, 1, 2, 3]] * [5.0, 0.0, 0.0, 0.0])
     x = np.abs(np.asarray(jax.random.normal(jax.random.key(1), (1, 8, 4)))) + 0.1
     y, aux = layer(jnp.asarray(x))
@@ -125,7 +126,9 @@ def test_load_balancing_loss_by_hand():
     logits = np.array([[[2.0, 0.0], [0.0, 1.0]]], np.float32)
     r = routing.route_token_choice(jnp.asarray(logits), top_k=1, capacity=None, normalize_gates=False)
     p = np.exp(logits[0]) / np.exp(logits[0]).sum(-1, keepdims=True)
-    np.testing.assert_allclose(r.aux["load_balancing_loss"], 2 * (0.5 * p[:, 0].mean() + 0.5 * p[:, 1].mean()))
+    np.testing.assert_allclose(
+        r.aux["load_balancing_loss"], 2 * (0.5 * p[:, 0].mean() + 0.5 * p[:, 1].mean())
+    )
     lse = np.log(np.exp(logits[0]).sum(-1))
     np.testing.assert_allclose(r.aux["router_z_loss"], np.mean(lse**2), rtol=TOL)
 

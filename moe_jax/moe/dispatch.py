@@ -28,9 +28,7 @@ DISPATCHERS = ("einsum", "indices", "grouped")
 _BUFFER_AXES = ("act_expert", "act_batch", "act_capacity", "act_embed")
 
 
-def _run_experts_on_buffer(
-    x_EGCD: jax.Array, experts_ECD: Callable[[jax.Array], jax.Array]
-) -> jax.Array:
+def _run_experts_on_buffer(x_EGCD: jax.Array, experts_ECD: Callable[[jax.Array], jax.Array]) -> jax.Array:
     E, G, C, D = x_EGCD.shape
     x_EGCD = constrain(x_EGCD, _BUFFER_AXES)
     y_ECD = experts_ECD(x_EGCD.reshape(E, G * C, D))
@@ -81,8 +79,8 @@ def dispatch_indices(
     # Assignments that are not kept point one past the buffer and are dropped by the scatter.
     slot_GN = jnp.where(routing.kept_GN, routing.slot_GN, C)
     x_GND = jnp.take_along_axis(x_GSD, routing.token_GN[..., None], axis=1)
-    x_EGCD = jnp.zeros((E, G, C, D), x_GSD.dtype).at[routing.expert_GN, group_GN, slot_GN].set(
-        x_GND, mode="drop"
+    x_EGCD = (
+        jnp.zeros((E, G, C, D), x_GSD.dtype).at[routing.expert_GN, group_GN, slot_GN].set(x_GND, mode="drop")
     )
     y_EGCD = _run_experts_on_buffer(x_EGCD, experts_ECD)
     y_GND = y_EGCD.at[routing.expert_GN, group_GN, jnp.minimum(slot_GN, C - 1)].get(mode="clip")

@@ -111,7 +111,10 @@ class MoeLayer(nnx.Module):
             raise ValueError(f"router={router!r} is unknown; choose one of {routing_lib.ROUTERS}")
         if eval_capacity_factor == "same":
             eval_capacity_factor = capacity_factor
-        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        for name, value in (
+            ("capacity_factor", capacity_factor),
+            ("eval_capacity_factor", eval_capacity_factor),
+        ):
             if value is not None and not value > 0:
                 raise ValueError(f"{name}={value!r} must be > 0, or None for dropless routing")
         if dispatch not in DISPATCH_CHOICES:
@@ -130,8 +133,8 @@ class MoeLayer(nnx.Module):
             raise ValueError(f"jitter_noise={jitter_noise!r} must be in [0, 1)")
         if router == routing_lib.EXPERT_CHOICE and causal and not allow_noncausal_routing:
             raise ValueError(
-                "router='expert_choice' in a causal decoder (causal=True) lets a token's output depend on later "
-                "tokens of its group; use router='token_choice', or pass allow_noncausal_routing=True"
+                "router='expert_choice' in a causal decoder (causal=True) lets a token's output depend on "
+                "later tokens of its group; use router='token_choice', or pass allow_noncausal_routing=True"
             )
 
         self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
@@ -162,7 +165,9 @@ class MoeLayer(nnx.Module):
             else None
         )
         self.w_up = sharding.param(init_in(rngs.params(), (E, D, F), param_dtype), ("expert", "embed", "mlp"))
-        self.w_down = sharding.param(init_out(rngs.params(), (E, F, D), param_dtype), ("expert", "mlp", "embed"))
+        self.w_down = sharding.param(
+            init_out(rngs.params(), (E, F, D), param_dtype), ("expert", "mlp", "embed")
+        )
 
         self.num_shared_experts = num_shared_experts
         if num_shared_experts:
@@ -173,7 +178,9 @@ class MoeLayer(nnx.Module):
                 if gated
                 else None
             )
-            self.shared_w_up = sharding.param(dense_init(rngs.params(), (D, Fs), param_dtype), ("embed", "mlp"))
+            self.shared_w_up = sharding.param(
+                dense_init(rngs.params(), (D, Fs), param_dtype), ("embed", "mlp")
+            )
             self.shared_w_down = sharding.param(
                 dense_init(rngs.params(), (Fs, D), param_dtype), ("mlp", "embed")
             )
@@ -245,7 +252,10 @@ class MoeLayer(nnx.Module):
         router_in_GSD = x_GSD.astype(jnp.float32)
         if self.jitter_noise > 0 and not deterministic:
             noise = jax.random.uniform(
-                self.jitter_rngs.jitter(), x_GSD.shape, jnp.float32, 1.0 - self.jitter_noise,
+                self.jitter_rngs.jitter(),
+                x_GSD.shape,
+                jnp.float32,
+                1.0 - self.jitter_noise,
                 1.0 + self.jitter_noise,
             )
             router_in_GSD = router_in_GSD * noise
@@ -255,8 +265,13 @@ class MoeLayer(nnx.Module):
         bias_E = None if self.selection_bias is None else self.selection_bias[...]
         if self.router_type == routing_lib.TOKEN_CHOICE:
             routing = routing_lib.route_token_choice(
-                logits_GSE, top_k=self.top_k, capacity=capacity, normalize_gates=self.normalize_gates,
-                batch_prioritized=self.batch_prioritized, selection_bias_E=bias_E, mask_GS=mask_GS,
+                logits_GSE,
+                top_k=self.top_k,
+                capacity=capacity,
+                normalize_gates=self.normalize_gates,
+                batch_prioritized=self.batch_prioritized,
+                selection_bias_E=bias_E,
+                mask_GS=mask_GS,
             )
         else:
             routing = routing_lib.route_expert_choice(
@@ -268,15 +283,22 @@ class MoeLayer(nnx.Module):
         kind = self._dispatcher(capacity)
         if kind == "grouped":
             experts_grouped = functools.partial(
-                experts_lib.expert_ffn_grouped, w_gate_EDF=w_gate, w_up_EDF=w_up, w_down_EFD=w_down,
-                activation=self.activation, backend=self.grouped_backend,
+                experts_lib.expert_ffn_grouped,
+                w_gate_EDF=w_gate,
+                w_up_EDF=w_up,
+                w_down_EFD=w_down,
+                activation=self.activation,
+                backend=self.grouped_backend,
             )
             y_GSD = dispatch_lib.dispatch_grouped(x_GSD, routing, self.num_experts, experts_grouped)
         else:
             # Dropless through a capacity buffer: S slots per expert hold every assignment of a group.
             buffer_capacity = S if capacity is None else min(capacity, S)
             experts_ECD = functools.partial(
-                experts_lib.expert_ffn_ECD, w_gate_EDF=w_gate, w_up_EDF=w_up, w_down_EFD=w_down,
+                experts_lib.expert_ffn_ECD,
+                w_gate_EDF=w_gate,
+                w_up_EDF=w_up,
+                w_down_EFD=w_down,
                 activation=self.activation,
             )
             fn = dispatch_lib.dispatch_einsum if kind == "einsum" else dispatch_lib.dispatch_indices
@@ -285,8 +307,11 @@ class MoeLayer(nnx.Module):
         if self.num_shared_experts:
             cast = lambda p: None if p is None else p[...].astype(self.dtype)
             shared_TD = experts_lib.dense_ffn(
-                x_GSD.reshape(T, D), cast(self.shared_w_gate), cast(self.shared_w_up),
-                cast(self.shared_w_down), self.activation,
+                x_GSD.reshape(T, D),
+                cast(self.shared_w_gate),
+                cast(self.shared_w_up),
+                cast(self.shared_w_down),
+                self.activation,
             )
             y_GSD = y_GSD + shared_TD.reshape(G, S, D).astype(jnp.float32)
         y_BLD = sharding.constrain(y_GSD.reshape(B, L, D), ("act_batch", "act_length", "act_embed"))

@@ -60,9 +60,11 @@ def _slots_by_priority(expert_GN: jax.Array, priority_GN: jax.Array, num_experts
     n = expert_GN.shape[-1]
     key_GN = expert_GN.astype(jnp.int32) * (2 * n) + priority_GN.astype(jnp.int32)
     order_GN = jnp.argsort(key_GN, axis=-1, stable=True)
-    rank_GN = jnp.zeros_like(order_GN).at[
-        jnp.arange(order_GN.shape[0])[:, None], order_GN
-    ].set(jnp.broadcast_to(jnp.arange(n, dtype=order_GN.dtype), order_GN.shape))
+    rank_GN = (
+        jnp.zeros_like(order_GN)
+        .at[jnp.arange(order_GN.shape[0])[:, None], order_GN]
+        .set(jnp.broadcast_to(jnp.arange(n, dtype=order_GN.dtype), order_GN.shape))
+    )
     counts_GE = jax.nn.one_hot(expert_GN, num_experts, dtype=jnp.int32).sum(axis=1)
     start_GE = jnp.cumsum(counts_GE, axis=-1) - counts_GE
     return rank_GN - jnp.take_along_axis(start_GE, expert_GN, axis=-1)
@@ -105,8 +107,10 @@ def route_token_choice(
     if batch_prioritized:
         top1_GS = jnp.max(probs_GSE, axis=-1)
         order_GS = jnp.argsort(-top1_GS, axis=-1, stable=True)
-        token_rank_GS = jnp.zeros_like(order_GS).at[jnp.arange(G)[:, None], order_GS].set(
-            jnp.broadcast_to(jnp.arange(S, dtype=order_GS.dtype), (G, S))
+        token_rank_GS = (
+            jnp.zeros_like(order_GS)
+            .at[jnp.arange(G)[:, None], order_GS]
+            .set(jnp.broadcast_to(jnp.arange(S, dtype=order_GS.dtype), (G, S)))
         )
     else:
         token_rank_GS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (G, S))
@@ -123,7 +127,11 @@ def route_token_choice(
     token_GN = jnp.repeat(token_GN, top_k, axis=1)
 
     aux = routing_aux(
-        logits_GSE, probs_GSE, mask_GS, expert_GN, valid_GN,
+        logits_GSE,
+        probs_GSE,
+        mask_GS,
+        expert_GN,
+        valid_GN,
         dropped_fraction=1.0 - kept_GN.sum() / jnp.maximum(valid_GN.sum(), 1),
     )
     return Routing(expert_GN, token_GN, weight_GN, slot_GN, kept_GN, aux, TOKEN_CHOICE, top_k)
@@ -165,7 +173,11 @@ def route_expert_choice(
 
     taken_GS = jnp.zeros((G, S), bool).at[jnp.arange(G)[:, None], token_GN].max(kept_GN)
     aux = routing_aux(
-        logits_GSE, probs_GSE, mask_GS, expert_GN, kept_GN,
+        logits_GSE,
+        probs_GSE,
+        mask_GS,
+        expert_GN,
+        kept_GN,
         dropped_fraction=1.0 - (taken_GS & mask_GS).sum() / jnp.maximum(mask_GS.sum(), 1),
     )
     return Routing(expert_GN, token_GN, weight_GN, slot_GN, kept_GN, aux, EXPERT_CHOICE, top_k)

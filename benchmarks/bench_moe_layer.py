@@ -1,0 +1,205 @@
+"""Forward+backward time and temp memory of each MoE dispatch backend vs a dense SwiGLU FFN of equal FLOPs.
+
+Run:
+    python benchmarks/bench_moe_layer.py --preset small --json /tmp/small.json
+
+Everything runs in one process on the same random inputs. The baseline is a dense SwiGLU FFN of width K·F
+(the same active FLOPs per token as K experts of width F). For each implementation the table shows the
+median fwd+bwd wall time, its ratio to the baseline, the compiled program's temp memory (XLA memory
+analysis) and its ratio, and the useful TFLOP/s (active FLOPs only: 3 matmuls x 2 FLOPs x 3 for fwd+bwd).
+
+Imports only jax/flax/numpy (and moe_jax.moe), so it runs on a GPU/TPU host with just JAX installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from moe_jax.moe import MoeLayer, experts, grouped_matmul  # noqa: E402
+
+# name: (batch, length, d_model, d_ff, num_experts, top_k)
+PRESETS = {
+    "tiny": (2, 128, 64, 128, 4, 2),
+    "small": (4, 512, 256, 512, 8, 2),
+    "mixtral_like": (4, 2048, 4096, 14336, 8, 2),
+    "fine_grained": (8, 2048, 2048, 1024, 64, 8),
+    "switch_like": (8, 2048, 1024, 4096, 32, 1),
+}
+CAPACITY_FACTOR = 1.25
+
+
+def implementations(platform: str) -> list[tuple[str, dict, bool]]:
+    """(row name, MoeLayer kwargs, dropless) for every backend that runs on this platform."""
+    rows = [
+        (f"einsum cf={CAPACITY_FACTOR}", dict(dispatch="einsum", capacity_factor=CAPACITY_FACTOR), False),
+        (f"indices cf={CAPACITY_FACTOR}", dict(dispatch="indices", capacity_factor=CAPACITY_FACTOR), False),
+        ("auto dropless", dict(dispatch="auto", capacity_factor=None), True),
+    ]
+    for backend in grouped_matmul.BACKENDS:
+        if backend != "auto" and _backend_runs(backend, platform):
+            rows.append(
+                (f"grouped[{backend}] dropless", dict(dispatch="grouped", grouped_backend=backend), True)
+            )
+    return rows
+
+
+def _backend_runs(backend: str, platform: str) -> bool:
+    supported = getattr(grouped_matmul, "PLATFORMS", None)
+    if supported is None:
+        return True
+    return platform in supported.get(backend, (platform,))
+
+
+def time_fn(fn, args, repeats: int) -> float:
+    """Median wall milliseconds of fn(*args) after a warm-up call."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def temp_bytes(fn, args) -> int:
+    analysis = fn.lower(*args).compile().memory_analysis()
+    return int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else -1
+
+
+def dense_case(x, D, width, dtype, key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    scale = lambda n: 1.0 / np.sqrt(n)
+    w = (
+        (jax.random.normal(k1, (D, width)) * scale(D)).astype(dtype),
+        (jax.random.normal(k2, (D, width)) * scale(D)).astype(dtype),
+        (jax.random.normal(k3, (width, D)) * scale(width)).astype(dtype),
+    )
+
+    def loss(w, x):
+        y = experts.dense_ffn(x.reshape(-1, D), *w, "swiglu")
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), (w, x)
+
+
+def moe_case(x, D, F, E, K, dtype, kwargs):
+    layer = MoeLayer(D, F, E, K, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0), **kwargs)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def loss(params, x):
+        y, _ = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)
+
+
+def run(preset: str, dtype_name: str | None, repeats: int, only: list[str] | None) -> list[dict]:
+    B, L, D, F, E, K = PRESETS[preset]
+    platform = jax.default_backend()
+    dtype = jnp.dtype(dtype_name or ("float32" if platform == "cpu" else "bfloat16"))
+    x = jax.random.normal(jax.random.key(0), (B, L, D)).astype(dtype)
+    T = B * L
+    useful_flops = 3 * 2 * T * 3 * D * K * F  # fwd+bwd of the K active SwiGLU experts
+
+    rows = []
+    fn, args = dense_case(x, D, K * F, dtype, jax.random.key(1))
+    dense_ms, dense_temp = time_fn(fn, args, repeats), temp_bytes(fn, args)
+    rows.append(
+        dict(impl=f"dense swiglu (width K·F={K * F})", ms=dense_ms, temp_bytes=dense_temp, dropless=True)
+    )
+    for name, kwargs, dropless in implementations(platform):
+        if only and not any(o in name for o in only):
+            continue
+        try:
+            fn, args = moe_case(x, D, F, E, K, dtype, kwargs)
+            rows.append(
+                dict(
+                    impl=name,
+                    ms=time_fn(fn, args, repeats),
+                    temp_bytes=temp_bytes(fn, args),
+                    dropless=dropless,
+                )
+            )
+        except Exception as e:  # one backend failing (e.g. out of memory) must not hide the others
+            rows.append(
+                dict(
+                    impl=name,
+                    ms=float("nan"),
+                    temp_bytes=-1,
+                    dropless=dropless,
+                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                )
+            )
+    for row in rows:
+        row.update(
+            preset=preset,
+            platform=platform,
+            device=jax.devices()[0].device_kind,
+            dtype=dtype.name,
+            jax=jax.__version__,
+            tokens=T,
+            d_model=D,
+            d_ff=F,
+            num_experts=E,
+            top_k=K,
+            ratio_to_dense=row["ms"] / dense_ms,
+            temp_ratio_to_dense=(row["temp_bytes"] / dense_temp) if dense_temp > 0 else float("nan"),
+            useful_tflops=useful_flops / (row["ms"] * 1e-3) / 1e12,
+        )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    r0 = rows[0]
+    print(
+        f"\npreset={r0['preset']} tokens={r0['tokens']} d={r0['d_model']} f={r0['d_ff']} "
+        f"E={r0['num_experts']} K={r0['top_k']} dtype={r0['dtype']} device={r0['device']} jax={r0['jax']}"
+    )
+    head = ("impl", "ms", "x dense", "temp MiB", "x dense", "TFLOP/s")
+    print(f"| {head[0]:34s} | " + " | ".join(f"{h:>9s}" for h in head[1:]) + " |")
+    print(f"|{'-' * 36}|" + "|".join("-" * 11 for _ in head[1:]) + "|")
+    for r in rows:
+        mib = r["temp_bytes"] / 2**20
+        cells = (r["ms"], r["ratio_to_dense"], mib, r["temp_ratio_to_dense"], r["useful_tflops"])
+        line = f"| {r['impl']:34s} | " + " | ".join(f"{c:9.3g}" for c in cells) + " |"
+        print(line + (f" {r['error']}" if "error" in r else ""))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="default: float32 on CPU, bfloat16 on accelerators",
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", default=None, help="comma-separated substrings of impl names to run")
+    parser.add_argument("--json", default=None, help="write the rows as a JSON list here")
+    args = parser.parse_args(argv)
+    rows = run(args.preset, args.dtype, args.repeats, args.only.split(",") if args.only else None)
+    print_table(rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
