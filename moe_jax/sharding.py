@@ -121,6 +121,8 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
+    if any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        return x  # inside shard_map the layout is explicit already
     spec = logical_to_spec(logical_axes, current_rules(), mesh.axis_names)
     spec = _fit_spec_to_shape(spec, x.shape, dict(zip(mesh.axis_names, mesh.axis_sizes)))
     return jax.lax.with_sharding_constraint(x, spec)

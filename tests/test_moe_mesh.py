@@ -36,11 +36,24 @@ def loss_and_grads(layer, x, r):
         ({"data": 4, "expert": 2}, "ep", "grouped"),
         ({"data": 2, "fsdp": 2, "expert": 2}, "ep_fsdp", "indices"),
         ({"data": 2, "expert": 2, "tensor": 2}, "ep_tp", "einsum"),
+        ({"data": 2, "expert": 4}, "ep", "shard_map"),
+        ({"expert": 8}, "ep", "shard_map_dropless"),
+        ({"data": 2, "fsdp": 2, "expert": 2}, "ep_fsdp", "shard_map"),
+        ({"data": 2, "expert": 2, "tensor": 2}, "ep_tp", "shard_map"),
     ],
 )
 def test_sharded_layer_matches_single_device(mesh_shape, preset, dispatch):
-    capacity_factor = None if dispatch == "grouped" else 1.25
-    layer = MoeLayer(D, F, E, K, capacity_factor=capacity_factor, dispatch=dispatch, rngs=nnx.Rngs(0))
+    """Same loss, output and gradients as one device; the shard_map rows compare against GSPMD-free eager."""
+    capacity_factor = None if dispatch in ("grouped", "shard_map_dropless") else 1.25
+    layer = MoeLayer(
+        D,
+        F,
+        E,
+        K,
+        capacity_factor=capacity_factor,
+        rngs=nnx.Rngs(0),
+        dispatch="auto" if dispatch.startswith("shard_map") else dispatch,
+    )
     x = jax.random.normal(jax.random.key(1), (B, L, D))
     r = jax.random.normal(jax.random.key(2), (B, L, D))
     params, f = loss_and_grads(layer, x, r)
@@ -52,6 +65,9 @@ def test_sharded_layer_matches_single_device(mesh_shape, preset, dispatch):
     w_spec = params_sharded["w_up"][...].sharding.spec
     assert w_spec[0] == "expert", w_spec
     x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert"))))
+    if dispatch.startswith("shard_map"):
+        layer.expert_parallel = "shard_map"
+        params, f = loss_and_grads(layer, x, r)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         sharded = f(params_sharded, x_sharded)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
@@ -70,3 +86,24 @@ def test_mesh_errors_name_the_numbers():
     params = nnx.state(layer, nnx.Param)
     with pytest.raises(ValueError, match="not divisible by mesh axis 'expert' of size 4"):
         sharding.state_shardings(params, sharding.make_mesh({"data": 2, "expert": 4}), sharding.PRESETS["ep"])
+
+
+def test_shard_map_path_exchanges_tokens_with_all_to_all_and_never_gathers_expert_weights():
+    layer = MoeLayer(D, F, E, K, capacity_factor=1.25, expert_parallel="shard_map", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (B, L, D))
+    params, f = loss_and_grads(layer, x, x)
+    mesh = sharding.make_mesh({"data": 2, "expert": 4})
+    rules = sharding.preset_rules("ep")
+    params = sharding.shard_state(params, mesh, rules)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        hlo = f.lower(params, x).compile().as_text()
+    assert " all-to-all(" in hlo
+    weight_shapes = {f"f32[{E},{D},{F}]", f"f32[{E},{F},{D}]"}
+    gathers = [line for line in hlo.splitlines() if " all-gather(" in line]
+    assert not [g for g in gathers if any(s in g for s in weight_shapes)], gathers
+
+
+def test_shard_map_path_needs_a_mesh():
+    layer = MoeLayer(D, F, E, K, expert_parallel="shard_map", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="needs a mesh"):
+        layer(jnp.ones((2, 4, D)))

@@ -13,11 +13,12 @@ from flax import nnx
 
 from moe_jax import sharding
 from moe_jax.moe import dispatch as dispatch_lib
+from moe_jax.moe import expert_parallel, grouped_matmul
 from moe_jax.moe import experts as experts_lib
-from moe_jax.moe import grouped_matmul
 from moe_jax.moe import routing as routing_lib
 
 DISPATCH_CHOICES = ("auto",) + dispatch_lib.DISPATCHERS
+EXPERT_PARALLEL_CHOICES = ("gspmd", "shard_map")
 
 
 class SelectionBias(nnx.Variable):
@@ -67,6 +68,9 @@ class MoeLayer(nnx.Module):
             ``allow_noncausal_routing`` (expert choice looks at later tokens of the group).
         allow_noncausal_routing: accept expert choice in a causal decoder anyway.
         grouped_backend: backend of ``grouped_matmul.gmm`` for the grouped dispatcher.
+        expert_parallel: ``gspmd`` (sharding constraints on the dispatched buffers; the compiler inserts
+            the all-to-all) or ``shard_map`` (explicit ``all_to_all`` of capacity buffers over the
+            ``expert`` mesh axis, see ``expert_parallel.py``; needs a mesh, ignores ``dispatch``).
         dtype: compute dtype of the expert matmuls and of the output.
         param_dtype: parameter dtype.
         rngs: ``nnx.Rngs`` for initialisation (and the ``jitter`` stream, if jitter is on).
@@ -98,6 +102,7 @@ class MoeLayer(nnx.Module):
         causal: bool = False,
         allow_noncausal_routing: bool = False,
         grouped_backend: str = "auto",
+        expert_parallel: str = "gspmd",
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -124,6 +129,10 @@ class MoeLayer(nnx.Module):
             raise ValueError(
                 f"grouped_backend={grouped_backend!r} is unknown; choose one of {grouped_matmul.BACKENDS}"
             )
+        if expert_parallel not in EXPERT_PARALLEL_CHOICES:
+            raise ValueError(
+                f"expert_parallel={expert_parallel!r} is unknown; choose one of {EXPERT_PARALLEL_CHOICES}"
+            )
         if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an integer >= 0")
         if group_size is not None:
@@ -149,6 +158,7 @@ class MoeLayer(nnx.Module):
         self.batch_prioritized = batch_prioritized
         self.jitter_noise = jitter_noise
         self.grouped_backend = grouped_backend
+        self.expert_parallel = expert_parallel
         self.dtype, self.param_dtype = dtype, param_dtype
         # Training mode by default; ``module.eval()`` sets it (eval capacity factor, no jitter).
         self.deterministic = False
@@ -225,7 +235,7 @@ class MoeLayer(nnx.Module):
 
         Returns:
             ``(y_BLD, aux)``; ``aux`` holds ``load_balancing_loss``, ``router_z_loss``, ``expert_load`` [E],
-            ``dropped_fraction``, ``router_entropy`` and ``max_load_ratio`` (see ``routing.routing_aux``).
+            ``dropped_fraction``, ``router_entropy`` and ``max_load_ratio`` (see ``routing.aux_from_stats``).
         """
         if x_BLD.ndim != 3:
             raise ValueError(f"x must have shape [batch, length, d_model]; got shape {x_BLD.shape}")
@@ -263,46 +273,49 @@ class MoeLayer(nnx.Module):
 
         capacity = self._capacity(S, self.eval_capacity_factor if deterministic else self.capacity_factor)
         bias_E = None if self.selection_bias is None else self.selection_bias[...]
-        if self.router_type == routing_lib.TOKEN_CHOICE:
-            routing = routing_lib.route_token_choice(
-                logits_GSE,
-                top_k=self.top_k,
-                capacity=capacity,
-                normalize_gates=self.normalize_gates,
-                batch_prioritized=self.batch_prioritized,
-                selection_bias_E=bias_E,
-                mask_GS=mask_GS,
-            )
-        else:
-            routing = routing_lib.route_expert_choice(
-                logits_GSE, capacity=capacity, top_k=self.top_k, selection_bias_E=bias_E, mask_GS=mask_GS
-            )
-
+        route = functools.partial(self._route, capacity=capacity, bias_E=bias_E)
         w_gate, w_up, w_down = self._weights()
         x_GSD = x_GSD.astype(self.dtype)
-        kind = self._dispatcher(capacity)
-        if kind == "grouped":
-            experts_grouped = functools.partial(
-                experts_lib.expert_ffn_grouped,
-                w_gate_EDF=w_gate,
-                w_up_EDF=w_up,
-                w_down_EFD=w_down,
+        # Dropless through a capacity buffer: S slots per expert hold every assignment of a group.
+        buffer_capacity = S if capacity is None else min(capacity, S)
+        experts_ECD = functools.partial(
+            experts_lib.expert_ffn_ECD,
+            w_gate_EDF=w_gate,
+            w_up_EDF=w_up,
+            w_down_EFD=w_down,
+            activation=self.activation,
+        )
+
+        if self.expert_parallel == "shard_map":
+            mask_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS
+            y_GSD, stats = expert_parallel.expert_parallel_moe(
+                x_GSD,
+                logits_GSE,
+                mask_GS,
+                (w_gate, w_up, w_down),
+                route=route,
+                num_experts=self.num_experts,
+                capacity=buffer_capacity,
                 activation=self.activation,
-                backend=self.grouped_backend,
             )
-            y_GSD = dispatch_lib.dispatch_grouped(x_GSD, routing, self.num_experts, experts_grouped)
+            aux = routing_lib.aux_from_stats(stats)
         else:
-            # Dropless through a capacity buffer: S slots per expert hold every assignment of a group.
-            buffer_capacity = S if capacity is None else min(capacity, S)
-            experts_ECD = functools.partial(
-                experts_lib.expert_ffn_ECD,
-                w_gate_EDF=w_gate,
-                w_up_EDF=w_up,
-                w_down_EFD=w_down,
-                activation=self.activation,
-            )
-            fn = dispatch_lib.dispatch_einsum if kind == "einsum" else dispatch_lib.dispatch_indices
-            y_GSD = fn(x_GSD, routing, self.num_experts, buffer_capacity, experts_ECD)
+            routing = route(logits_GSE, mask_GS)
+            aux = routing.aux
+            kind = self._dispatcher(capacity)
+            if kind == "grouped":
+                experts_grouped = functools.partial(
+                    experts_lib.expert_ffn_grouped,
+                    w_gate_EDF=w_gate,
+                    w_up_EDF=w_up,
+                    w_down_EFD=w_down,
+                    activation=self.activation,
+                    backend=self.grouped_backend,
+                )
+                y_GSD = dispatch_lib.dispatch_grouped(x_GSD, routing, self.num_experts, experts_grouped)
+            else:
+                fn = dispatch_lib.dispatch_einsum if kind == "einsum" else dispatch_lib.dispatch_indices
+                y_GSD = fn(x_GSD, routing, self.num_experts, buffer_capacity, experts_ECD)
 
         if self.num_shared_experts:
             cast = lambda p: None if p is None else p[...].astype(self.dtype)
@@ -315,7 +328,22 @@ class MoeLayer(nnx.Module):
             )
             y_GSD = y_GSD + shared_TD.reshape(G, S, D).astype(jnp.float32)
         y_BLD = sharding.constrain(y_GSD.reshape(B, L, D), ("act_batch", "act_length", "act_embed"))
-        return y_BLD.astype(self.dtype), routing.aux
+        return y_BLD.astype(self.dtype), aux
+
+    def _route(self, logits_GSE, mask_GS, *, capacity, bias_E) -> routing_lib.Routing:
+        if self.router_type == routing_lib.TOKEN_CHOICE:
+            return routing_lib.route_token_choice(
+                logits_GSE,
+                top_k=self.top_k,
+                capacity=capacity,
+                normalize_gates=self.normalize_gates,
+                batch_prioritized=self.batch_prioritized,
+                selection_bias_E=bias_E,
+                mask_GS=mask_GS,
+            )
+        return routing_lib.route_expert_choice(
+            logits_GSE, capacity=capacity, top_k=self.top_k, selection_bias_E=bias_E, mask_GS=mask_GS
+        )
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -33,7 +33,7 @@ class Routing:
         kept_GN: whether the assignment contributes.
         kind: ``token_choice`` or ``expert_choice`` (static).
         top_k: K for token choice; for expert choice the nominal experts per token (static).
-        aux: losses and metrics (scalars and [E] arrays), see :func:`routing_aux`.
+        stats: additive routing statistics, see :func:`routing_stats`; ``aux`` gives the losses/metrics.
     """
 
     expert_GN: jax.Array
@@ -41,9 +41,14 @@ class Routing:
     weight_GN: jax.Array
     slot_GN: jax.Array
     kept_GN: jax.Array
-    aux: dict
+    stats: dict
     kind: str = struct.field(pytree_node=False, default=TOKEN_CHOICE)
     top_k: int = struct.field(pytree_node=False, default=1)
+
+    @property
+    def aux(self) -> dict:
+        """Losses and metrics, see :func:`aux_from_stats`."""
+        return aux_from_stats(self.stats)
 
 
 def capacity_per_group(tokens_per_group: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -126,15 +131,16 @@ def route_token_choice(
     token_GN = jnp.repeat(jnp.arange(S, dtype=jnp.int32)[None], G, axis=0)
     token_GN = jnp.repeat(token_GN, top_k, axis=1)
 
-    aux = routing_aux(
+    stats = routing_stats(
         logits_GSE,
         probs_GSE,
         mask_GS,
         expert_GN,
         valid_GN,
-        dropped_fraction=1.0 - kept_GN.sum() / jnp.maximum(valid_GN.sum(), 1),
+        contributing=kept_GN.sum(),
+        eligible=valid_GN.sum(),
     )
-    return Routing(expert_GN, token_GN, weight_GN, slot_GN, kept_GN, aux, TOKEN_CHOICE, top_k)
+    return Routing(expert_GN, token_GN, weight_GN, slot_GN, kept_GN, stats, TOKEN_CHOICE, top_k)
 
 
 def route_expert_choice(
@@ -172,26 +178,52 @@ def route_expert_choice(
     weight_GN = jnp.where(kept_GN, weight_GEC.reshape(G, n), 0.0)
 
     taken_GS = jnp.zeros((G, S), bool).at[jnp.arange(G)[:, None], token_GN].max(kept_GN)
-    aux = routing_aux(
+    stats = routing_stats(
         logits_GSE,
         probs_GSE,
         mask_GS,
         expert_GN,
         kept_GN,
-        dropped_fraction=1.0 - (taken_GS & mask_GS).sum() / jnp.maximum(mask_GS.sum(), 1),
+        contributing=(taken_GS & mask_GS).sum(),
+        eligible=mask_GS.sum(),
     )
-    return Routing(expert_GN, token_GN, weight_GN, slot_GN, kept_GN, aux, EXPERT_CHOICE, top_k)
+    return Routing(expert_GN, token_GN, weight_GN, slot_GN, kept_GN, stats, EXPERT_CHOICE, top_k)
 
 
-def routing_aux(
+def routing_stats(
     logits_GSE: jax.Array,
     probs_GSE: jax.Array,
     mask_GS: jax.Array,
     expert_GN: jax.Array,
     counted_GN: jax.Array,
-    dropped_fraction: jax.Array,
+    contributing: jax.Array,
+    eligible: jax.Array,
 ) -> dict:
-    """Auxiliary losses and routing metrics over the real tokens.
+    """Additive routing statistics over the real tokens of these groups.
+
+    Sums, not means: shards of a batch (the expert-parallel ``shard_map`` path) add them with one ``psum``
+    before :func:`aux_from_stats` turns them into losses and metrics, which then equal the unsharded ones.
+    ``contributing`` / ``eligible`` count kept / all assignments (token choice) or taken / all tokens (expert
+    choice).
+    """
+    E = logits_GSE.shape[-1]
+    maskf_GS = mask_GS.astype(jnp.float32)
+    lse_GS = jax.nn.logsumexp(logits_GSE, axis=-1)
+    entropy_GS = -jnp.sum(probs_GSE * jnp.log(jnp.maximum(probs_GSE, 1e-30)), axis=-1)
+    one_hot_GNE = jax.nn.one_hot(expert_GN, E, dtype=jnp.float32)
+    return {
+        "assignment_count_E": jnp.sum(one_hot_GNE * counted_GN[..., None], axis=(0, 1)),
+        "prob_sum_E": jnp.sum(probs_GSE * maskf_GS[..., None], axis=(0, 1)),
+        "num_tokens": maskf_GS.sum(),
+        "z_sum": jnp.sum(jnp.square(lse_GS) * maskf_GS),
+        "entropy_sum": jnp.sum(entropy_GS * maskf_GS),
+        "contributing": jnp.asarray(contributing, jnp.float32),
+        "eligible": jnp.asarray(eligible, jnp.float32),
+    }
+
+
+def aux_from_stats(stats: dict) -> dict:
+    """Auxiliary losses and routing metrics from routing statistics (possibly summed over shards).
 
     Returns:
         load_balancing_loss: E · Σ_e f_e · P_e, f_e the share of assignments routed to e (before capacity
@@ -203,20 +235,17 @@ def routing_aux(
         router_entropy: mean over tokens of the entropy of the router distribution (nats).
         max_load_ratio: max_e f_e / mean_e f_e (1 is perfectly balanced).
     """
-    E = logits_GSE.shape[-1]
-    maskf_GS = mask_GS.astype(jnp.float32)
-    num_tokens = jnp.maximum(maskf_GS.sum(), 1.0)
-    counts_E = jnp.sum(jax.nn.one_hot(expert_GN, E, dtype=jnp.float32) * counted_GN[..., None], axis=(0, 1))
+    counts_E = stats["assignment_count_E"]
+    E = counts_E.shape[-1]
+    num_tokens = jnp.maximum(stats["num_tokens"], 1.0)
     load_E = counts_E / jnp.maximum(counts_E.sum(), 1.0)
-    mean_prob_E = jnp.sum(probs_GSE * maskf_GS[..., None], axis=(0, 1)) / num_tokens
-    lse_GS = jax.nn.logsumexp(logits_GSE, axis=-1)
-    entropy_GS = -jnp.sum(probs_GSE * jnp.log(jnp.maximum(probs_GSE, 1e-30)), axis=-1)
+    mean_prob_E = stats["prob_sum_E"] / num_tokens
     return {
         "load_balancing_loss": E * jnp.sum(load_E * mean_prob_E),
-        "router_z_loss": jnp.sum(jnp.square(lse_GS) * maskf_GS) / num_tokens,
+        "router_z_loss": stats["z_sum"] / num_tokens,
         "expert_load": load_E,
-        "dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32),
-        "router_entropy": jnp.sum(entropy_GS * maskf_GS) / num_tokens,
+        "dropped_fraction": 1.0 - stats["contributing"] / jnp.maximum(stats["eligible"], 1.0),
+        "router_entropy": stats["entropy_sum"] / num_tokens,
         "max_load_ratio": jnp.max(load_E) * E,
     }
 
