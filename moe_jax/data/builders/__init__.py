@@ -1,0 +1,1 @@
+"""Offline TFDS builders. Importing a module registers its builder with TFDS under its snake-case name."""
