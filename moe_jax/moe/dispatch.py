@@ -26,13 +26,17 @@ DISPATCHERS = ("einsum", "indices", "grouped")
 # Dispatched buffers: experts over the expert mesh axis, groups over the remaining batch axes. The switch
 # from token-sharded x_GSD to expert-sharded x_EGCD is where GSPMD emits the all-to-all.
 _BUFFER_AXES = ("act_expert", "act_batch", "act_capacity", "act_embed")
+_TOKEN_BUFFER_AXES = (None, "act_batch", "act_capacity", "act_embed")
 
 
 def _run_experts_on_buffer(x_EGCD: jax.Array, experts_ECD: Callable[[jax.Array], jax.Array]) -> jax.Array:
     E, G, C, D = x_EGCD.shape
-    x_EGCD = constrain(x_EGCD, _BUFFER_AXES)
+    # Two steps: first pin the buffer where the tokens are (groups over every batch axis), then reshard to
+    # experts over ``expert``. GSPMD turns that reshard into an all-to-all; constraining straight to the
+    # expert layout lets it pick all-gathers of the tokens instead.
+    x_EGCD = constrain(constrain(x_EGCD, _TOKEN_BUFFER_AXES), _BUFFER_AXES)
     y_ECD = experts_ECD(x_EGCD.reshape(E, G * C, D))
-    return constrain(y_ECD.reshape(E, G, C, -1), _BUFFER_AXES)
+    return constrain(constrain(y_ECD.reshape(E, G, C, -1), _BUFFER_AXES), _TOKEN_BUFFER_AXES)
 
 
 def dispatch_einsum(
@@ -75,15 +79,17 @@ def dispatch_indices(
     """Scatter rows into an [E, G, C, D] buffer by (expert, slot); gather back; returns y_GSD in float32."""
     G, S, D = x_GSD.shape
     E, C = num_experts, capacity
-    group_GN = jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32)[:, None], routing.expert_GN.shape)
-    # Assignments that are not kept point one past the buffer and are dropped by the scatter.
+    # Assignments that are not kept point one past the buffer and are dropped by the scatter. Scatter and
+    # gather are vmapped over groups so GSPMD sees the group dim as a batch dim and keeps it sharded.
     slot_GN = jnp.where(routing.kept_GN, routing.slot_GN, C)
     x_GND = jnp.take_along_axis(x_GSD, routing.token_GN[..., None], axis=1)
-    x_EGCD = (
-        jnp.zeros((E, G, C, D), x_GSD.dtype).at[routing.expert_GN, group_GN, slot_GN].set(x_GND, mode="drop")
+    x_GECD = jax.vmap(lambda e, c, x: jnp.zeros((E, C, D), x.dtype).at[e, c].set(x, mode="drop"))(
+        routing.expert_GN, slot_GN, x_GND
     )
-    y_EGCD = _run_experts_on_buffer(x_EGCD, experts_ECD)
-    y_GND = y_EGCD.at[routing.expert_GN, group_GN, jnp.minimum(slot_GN, C - 1)].get(mode="clip")
+    y_EGCD = _run_experts_on_buffer(jnp.swapaxes(x_GECD, 0, 1), experts_ECD)
+    y_GND = jax.vmap(lambda y, e, c: y[e, c])(
+        jnp.swapaxes(y_EGCD, 0, 1), routing.expert_GN, jnp.minimum(slot_GN, C - 1)
+    )
     y_GND = y_GND.astype(jnp.float32) * routing.weight_GN[..., None]
     return _combine_assignments(y_GND, routing, S)
 
@@ -116,5 +122,6 @@ def _combine_assignments(y_GND: jax.Array, routing: Routing, tokens_per_group: i
     if routing.kind == TOKEN_CHOICE:
         # Token-major assignments: the K outputs of a token are adjacent.
         return y_GND.reshape(G, tokens_per_group, routing.top_k, D).sum(axis=2)
-    group_GN = jnp.broadcast_to(jnp.arange(G, dtype=jnp.int32)[:, None], (G, N))
-    return jnp.zeros((G, tokens_per_group, D), y_GND.dtype).at[group_GN, routing.token_GN].add(y_GND)
+    return jax.vmap(lambda y, t: jnp.zeros((tokens_per_group, D), y.dtype).at[t].add(y))(
+        y_GND, routing.token_GN
+    )

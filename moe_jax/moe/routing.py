@@ -56,6 +56,16 @@ def capacity_per_group(tokens_per_group: int, num_experts: int, top_k: int, capa
     return max(1, math.ceil(top_k * tokens_per_group * capacity_factor / num_experts))
 
 
+def inverse_permutation(order_GN: jax.Array) -> jax.Array:
+    """Per group, the position of each element in ``order``: one scatter, no second sort.
+
+    ``vmap`` over groups makes the group dim a batch dim of the scatter, which GSPMD keeps sharded (an
+    explicit group index would make it gather every group onto every device).
+    """
+    n = order_GN.shape[-1]
+    return jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(jnp.arange(n, dtype=o.dtype)))(order_GN)
+
+
 def _slots_by_priority(expert_GN: jax.Array, priority_GN: jax.Array, num_experts: int) -> jax.Array:
     """Slot of each assignment: how many assignments to the same expert come earlier in priority.
 
@@ -65,11 +75,7 @@ def _slots_by_priority(expert_GN: jax.Array, priority_GN: jax.Array, num_experts
     n = expert_GN.shape[-1]
     key_GN = expert_GN.astype(jnp.int32) * (2 * n) + priority_GN.astype(jnp.int32)
     order_GN = jnp.argsort(key_GN, axis=-1, stable=True)
-    rank_GN = (
-        jnp.zeros_like(order_GN)
-        .at[jnp.arange(order_GN.shape[0])[:, None], order_GN]
-        .set(jnp.broadcast_to(jnp.arange(n, dtype=order_GN.dtype), order_GN.shape))
-    )
+    rank_GN = inverse_permutation(order_GN)
     counts_GE = jax.nn.one_hot(expert_GN, num_experts, dtype=jnp.int32).sum(axis=1)
     start_GE = jnp.cumsum(counts_GE, axis=-1) - counts_GE
     return rank_GN - jnp.take_along_axis(start_GE, expert_GN, axis=-1)
@@ -102,7 +108,9 @@ def route_token_choice(
     G, S, E = logits_GSE.shape
     probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
     scores_GSE = probs_GSE if selection_bias_E is None else probs_GSE + selection_bias_E.astype(jnp.float32)
-    _, expert_GSK = jax.lax.top_k(scores_GSE, top_k)
+    # A stable sort rather than lax.top_k: same choice (ties go to the lower expert index), and GSPMD keeps
+    # a sort over the last dim sharded by groups, whereas its top-k gathers every group's scores.
+    expert_GSK = jnp.argsort(-scores_GSE, axis=-1, stable=True)[..., :top_k]
     gates_GSK = jnp.take_along_axis(probs_GSE, expert_GSK, axis=-1)
     if normalize_gates:
         gates_GSK = gates_GSK / jnp.sum(gates_GSK, axis=-1, keepdims=True)
@@ -112,11 +120,7 @@ def route_token_choice(
     if batch_prioritized:
         top1_GS = jnp.max(probs_GSE, axis=-1)
         order_GS = jnp.argsort(-top1_GS, axis=-1, stable=True)
-        token_rank_GS = (
-            jnp.zeros_like(order_GS)
-            .at[jnp.arange(G)[:, None], order_GS]
-            .set(jnp.broadcast_to(jnp.arange(S, dtype=order_GS.dtype), (G, S)))
-        )
+        token_rank_GS = inverse_permutation(order_GS)
     else:
         token_rank_GS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (G, S))
     priority_GSK = jnp.arange(top_k, dtype=jnp.int32) * S + token_rank_GS[..., None]
@@ -177,7 +181,7 @@ def route_expert_choice(
     slot_GN = jnp.broadcast_to(jnp.tile(jnp.arange(capacity, dtype=jnp.int32), E), (G, n))
     weight_GN = jnp.where(kept_GN, weight_GEC.reshape(G, n), 0.0)
 
-    taken_GS = jnp.zeros((G, S), bool).at[jnp.arange(G)[:, None], token_GN].max(kept_GN)
+    taken_GS = jax.vmap(lambda t, k: jnp.zeros((S,), bool).at[t].max(k))(token_GN, kept_GN)
     stats = routing_stats(
         logits_GSE,
         probs_GSE,
