@@ -18,6 +18,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe import permute
 from moe_jax.moe.routing import TOKEN_CHOICE, Routing
 from moe_jax.sharding import constrain
 
@@ -106,14 +107,14 @@ def dispatch_grouped(
     # Dropped assignments get the sentinel expert E: they sort last and fall outside every group.
     expert_M = jnp.where(routing.kept_GN, routing.expert_GN, E).reshape(-1)
     row_M = (routing.token_GN + S * jnp.arange(G, dtype=jnp.int32)[:, None]).reshape(-1)
-    order_M = jnp.argsort(expert_M, stable=True)
-    group_sizes_E = jnp.bincount(expert_M, length=E + 1)[:E].astype(jnp.int32)
-    x_MD = jnp.take(x_GSD.reshape(G * S, D), jnp.take(row_M, order_M), axis=0)
+    order_M, group_sizes_E = permute.sort_by_expert(expert_M, E)  # the one stable argsort
+    inverse_M = permute.inverse_permutation(order_M)  # a scatter, not a second sort
+    x_MD = permute.gather_rows(x_GSD.reshape(G * S, D), row_M[order_M])  # backward: f32 scatter-add
     y_MD = experts_grouped(x_MD, group_sizes_E)
-    y_MD = y_MD.astype(jnp.float32) * jnp.take(routing.weight_GN.reshape(-1), order_M)[:, None]
-    # Back to assignment order, then to tokens.
-    y_GND = jnp.zeros_like(y_MD).at[order_M].set(y_MD).reshape(G, -1, y_MD.shape[-1])
-    return _combine_assignments(y_GND, routing, S)
+    # Back to assignment order by a gather (its backward gathers by order_M), then weight in float32.
+    y_ND = permute.permute_rows(y_MD, inverse_M, order_M).astype(jnp.float32)
+    y_ND = y_ND * routing.weight_GN.reshape(-1, 1)
+    return _combine_assignments(y_ND.reshape(G, -1, y_ND.shape[-1]), routing, S)
 
 
 def _combine_assignments(y_GND: jax.Array, routing: Routing, tokens_per_group: int) -> jax.Array:
