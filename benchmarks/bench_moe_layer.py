@@ -62,20 +62,18 @@ def _backend_runs(backend: str, platform: str) -> bool:
     return platform in supported.get(backend, (platform,))
 
 
-def time_fn(fn, args, repeats: int) -> float:
-    """Median wall milliseconds of fn(*args) after a warm-up call."""
-    jax.block_until_ready(fn(*args))
+def measure(fn, args, repeats: int) -> tuple[float, int]:
+    """(median wall ms after a warm-up call, temp bytes) of one compiled program."""
+    compiled = fn.lower(*args).compile()
+    analysis = compiled.memory_analysis()
+    temp = int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
+    jax.block_until_ready(compiled(*args))
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(compiled(*args))
         samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
-def temp_bytes(fn, args) -> int:
-    analysis = fn.lower(*args).compile().memory_analysis()
-    return int(getattr(analysis, "temp_size_in_bytes", 0)) if analysis is not None else -1
+    return statistics.median(samples), temp
 
 
 def dense_case(x, D, width, dtype, key):
@@ -115,7 +113,7 @@ def run(preset: str, dtype_name: str | None, repeats: int, only: list[str] | Non
 
     rows = []
     fn, args = dense_case(x, D, K * F, dtype, jax.random.key(1))
-    dense_ms, dense_temp = time_fn(fn, args, repeats), temp_bytes(fn, args)
+    dense_ms, dense_temp = measure(fn, args, repeats)
     rows.append(
         dict(impl=f"dense swiglu (width K·F={K * F})", ms=dense_ms, temp_bytes=dense_temp, dropless=True)
     )
@@ -124,14 +122,8 @@ def run(preset: str, dtype_name: str | None, repeats: int, only: list[str] | Non
             continue
         try:
             fn, args = moe_case(x, D, F, E, K, dtype, kwargs)
-            rows.append(
-                dict(
-                    impl=name,
-                    ms=time_fn(fn, args, repeats),
-                    temp_bytes=temp_bytes(fn, args),
-                    dropless=dropless,
-                )
-            )
+            ms, temp = measure(fn, args, repeats)
+            rows.append(dict(impl=name, ms=ms, temp_bytes=temp, dropless=dropless))
         except Exception as e:  # one backend failing (e.g. out of memory) must not hide the others
             rows.append(
                 dict(
