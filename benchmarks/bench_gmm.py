@@ -36,6 +36,8 @@ SHAPES = {
         ("mixtral_like_down", 16384, 14336, 4096, 8),
         ("fine_grained_gate_up", 131072, 2048, 2048, 64),
         ("fine_grained_down", 131072, 1024, 2048, 64),
+        ("switch_like_gate_up", 16384, 1024, 8192, 32),
+        ("switch_like_down", 16384, 4096, 1024, 32),
     ],
 }
 
@@ -73,7 +75,8 @@ def bench_shape(M, K, N, G, backends, dtype, repeats, seed=0):
     """{name: ms} for 'dense' and each backend."""
     keys = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(keys[0], (M, K), dtype)
-    w = jax.random.normal(keys[1], (G, K, N), dtype) / np.sqrt(K)
+    # Scale in float32, then cast: a NumPy float64 scalar would silently promote bf16 weights to float32.
+    w = (jax.random.normal(keys[1], (G, K, N), jnp.float32) / np.sqrt(K)).astype(dtype)
     dy = jax.random.normal(keys[2], (M, N), dtype)
     sizes = jnp.asarray(group_sizes_for(M, G, seed))
 

@@ -40,9 +40,12 @@ def main() -> int:
     platform = jax.default_backend()
     dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16
     B, L, D, F, E, K = 4, 512, 512, 1024, 8, 2
-    x = jax.random.normal(jax.random.key(0), (B, L, D), jnp.float32)
+    # The reference sees the same (compute-dtype rounded) input, so routing decisions agree; otherwise
+    # near-tied tokens route differently and dominate the error.
+    x = jax.random.normal(jax.random.key(0), (B, L, D), jnp.float32).astype(dtype).astype(jnp.float32)
     ref_layer = MoeLayer(D, F, E, K, dispatch="einsum", rngs=nnx.Rngs(0))
-    y_ref, g_ref = grads(ref_layer, x)
+    with jax.default_matmul_precision("highest"):  # no TF32 in the reference on GPU
+        y_ref, g_ref = grads(ref_layer, x)
     ok = True
     for backend in grouped_matmul.BACKENDS:
         if platform not in grouped_matmul.PLATFORMS.get(backend, ()):

@@ -13,3 +13,6 @@ for preset in mixtral_like fine_grained switch_like; do
     --json "$out/$preset.json" 2>&1 | grep -v "^WARNING" | tee "$out/$preset.txt"
 done
 timeout 60 python benchmarks/bench_gmm.py --backends mosaic_gpu --repeats 5 2>&1 | tee "$out/bench_gmm.txt"
+for preset in fine_grained switch_like mixtral_like; do
+  timeout 75 python benchmarks/profile_dropless.py --preset "$preset" 2>&1 | grep -v "^WARNING" | tee "$out/profile_$preset.txt"
+done
