@@ -83,19 +83,21 @@ def bench_shape(M, K, N, G, backends, dtype, repeats, seed=0):
     def grad_fn(matmul):
         # The loss value is returned too, so XLA cannot drop the forward matmul: as in training, where the
         # output feeds the next layer.
-        loss = lambda x, w: jnp.vdot(matmul(x, w).astype(jnp.float32), dy.astype(jnp.float32))
+        # dy is an argument, not a closure: jit would embed a closed-over array as a constant (a 512 MiB
+        # literal at the fine-grained shapes, whose compile never finished).
+        loss = lambda x, w, dy: jnp.vdot(matmul(x, w).astype(jnp.float32), dy.astype(jnp.float32))
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
     fns = {"dense": grad_fn(lambda x, w: x @ w)}
-    args = {"dense": (x, w[0])}
+    args = {"dense": (x, w[0], dy)}
     for name in backends:
         fn = grad_fn(lambda x, w, name=name: grouped_matmul.gmm(x, w, sizes, backend=name))
         try:
-            jax.block_until_ready(fn(x, w))
+            jax.block_until_ready(fn(x, w, dy))
         except Exception as e:  # report and go on: one backend failing must not hide the others
             print(f"    {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             continue
-        fns[name], args[name] = fn, (x, w)
+        fns[name], args[name] = fn, (x, w, dy)
     results = median_ms(fns, args, repeats)
     return results
 

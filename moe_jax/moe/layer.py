@@ -269,7 +269,11 @@ class MoeLayer(nnx.Module):
                 1.0 + self.jitter_noise,
             )
             router_in_GSD = router_in_GSD * noise
-        logits_GSE = router_in_GSD @ self.router[...].astype(jnp.float32)
+        # True float32 routing: default f32 matmuls are TF32 on GPU and bf16 passes on TPU, which can flip
+        # the top-K choice of near-tied tokens relative to float32.
+        logits_GSE = jnp.matmul(
+            router_in_GSD, self.router[...].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
 
         capacity = self._capacity(S, self.eval_capacity_factor if deterministic else self.capacity_factor)
         bias_E = None if self.selection_bias is None else self.selection_bias[...]

@@ -1,0 +1,110 @@
+"""English→German translation with a sparse-MoE encoder-decoder, on the machine's gettext catalogs.
+
+Run (CPU, offline; the corpus and a SentencePiece vocabulary are prepared on first use)::
+
+    python -m moe_jax.main --config=configs/translation.py --workdir=/tmp/moe_translation
+
+Variants (``--config=configs/translation.py:VARIANT``):
+    default: d_model 128, 3+3 layers, MoE (8 experts, top-2, capacity 1.25) every other layer, vocab 2000,
+        batch 32 × 24 tokens, 2000 steps. Hardware: 2 CPU cores. Time: measured 22.6 min wall on a 2-core
+        machine shared with other jobs (load 6-9; 11.5 CPU-minutes), expected ~10 min on an idle one.
+        Measured: validation loss 3.65 (step 500) → 2.15 (step 2000), token accuracy 0.56; test BLEU on
+        300 pairs 0.02 at step 0 → 15.7 greedy / 16.1 beam (4, α 0.6) at the end.
+    smoke: a tiny model for a few steps (tests; seconds).
+    large: d_model 512, 6+6 layers, 32 experts top-2, bf16 compute, 20k steps, batch 256. Hardware: one GPU
+        or TPU host. Expected: not run yet; sized for hours on one H100-class GPU.
+    wmt14_de_en: WMT14 German→English, Transformer-base-sized MoE; needs the TFDS data prepared once
+        (``pip install 'moe_jax[tf]' && tfds build wmt14_translate/de-en --file_format=array_record``).
+        Hardware: 8 accelerators. Expected: not run here (no WMT data on our machines); a Transformer-base
+        sized model usually reaches BLEU in the high 20s on newstest2014.
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "_moe_jax_config_base", os.path.join(os.path.dirname(__file__), "base.py")
+)
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
+
+
+def get_config(variant: str = "default"):
+    c = base.get_base_config()
+    c.task = "translation"
+    c.data.source = "gettext_translation"
+    c.data.builder_config = "en_de"
+    c.eval.decode_at_start = True
+    if variant in ("default", "", None):
+        # Sized for 2 CPU cores: ~0.25 s/step measured on a shared 2-core machine.
+        c.data.vocab_size = 2000
+        c.data.max_input_len = 24
+        c.data.max_target_len = 24
+        c.model.update(d_model=128, num_heads=4, d_ff=256, num_encoder_layers=3, num_decoder_layers=3)
+        c.optim.update(learning_rate=2e-3, warmup_steps=100)
+        c.train.update(batch_size=32, num_train_steps=2000)
+        c.eval.update(max_eval_examples=500, max_decode_examples=300)
+    elif variant == "smoke":
+        base.smoke(c)
+        c.eval.decode_at_start = False
+    elif variant == "large":
+        c.data.vocab_size = 8000
+        c.data.max_input_len = 64
+        c.data.max_target_len = 64
+        c.model.update(
+            d_model=512,
+            num_heads=8,
+            d_ff=2048,
+            num_encoder_layers=6,
+            num_decoder_layers=6,
+            num_experts=32,
+            top_k=2,
+            dtype="bfloat16",
+            dropout_rate=0.1,
+        )
+        c.loss.label_smoothing = 0.1
+        c.train.update(
+            batch_size=256,
+            num_train_steps=20_000,
+            log_every=100,
+            eval_every=2000,
+            checkpoint_every=2000,
+            keep_checkpoints=3,
+        )
+        c.optim.update(learning_rate=5e-4, warmup_steps=2000)
+        c.eval.update(batch_size=128, max_decode_examples=2000)
+    elif variant == "wmt14_de_en":
+        c.data.source = "wmt14_translate/de-en"
+        c.data.builder_config = None
+        c.data.input_key = "de"
+        c.data.target_key = "en"
+        c.data.vocab_size = 32_000
+        c.data.max_input_len = 128
+        c.data.max_target_len = 128
+        c.data.tokenizer_train_examples = 1_000_000
+        c.model.update(
+            d_model=512,
+            num_heads=8,
+            d_ff=2048,
+            num_encoder_layers=6,
+            num_decoder_layers=6,
+            num_experts=32,
+            top_k=2,
+            dtype="bfloat16",
+            dropout_rate=0.1,
+            max_len=256,
+        )
+        c.loss.label_smoothing = 0.1
+        c.optim.update(learning_rate=1e-3, schedule="rsqrt", warmup_steps=4000)
+        c.train.update(
+            batch_size=512,
+            num_train_steps=100_000,
+            log_every=100,
+            eval_every=5000,
+            checkpoint_every=5000,
+            keep_checkpoints=3,
+        )
+        c.eval.update(batch_size=128, max_decode_examples=3003, max_decode_len=256)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose default, smoke, large or wmt14_de_en")
+    return c

@@ -1,0 +1,132 @@
+"""Greedy and beam-search decoding for :class:`~moe_jax.models.Seq2SeqTransformer`.
+
+Correctness first: the encoder runs once, and every decoding step re-runs the decoder over a fixed
+``[B, max_len]`` buffer (positions past the current one are masked out of attention by causality and out of
+MoE routing by ``decoder_mask_BL``), so one compiled program serves every step and a token's logits are
+computed exactly as in teacher-forced training. A KV cache would make a step O(L) instead of O(L²); at the
+sequence lengths of the offline tasks (≤ 64) the recompute costs less than the evaluation's other parts.
+
+Outputs are ``int32[B, max_len]``: the generated tokens, ending with EOS when one was produced, pad 0 after.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NEG = -1.0e9
+
+
+def greedy_decode(model, inputs_BK: jax.Array, *, max_len: int, bos_id: int, eos_id: int) -> jax.Array:
+    """Greedy decoding; rows stop at their first EOS."""
+    enc_BKD, _ = model.encode(inputs_BK, deterministic=True)
+    B = inputs_BK.shape[0]
+    positions_L = jnp.arange(max_len)
+    dec_in_BL = jnp.zeros((B, max_len), jnp.int32).at[:, 0].set(bos_id)
+
+    def cond(carry):
+        t, _, _, done_B = carry
+        return (t < max_len) & ~jnp.all(done_B)
+
+    def body(carry):
+        t, dec_in_BL, out_BL, done_B = carry
+        mask_BL = jnp.broadcast_to(positions_L <= t, (B, max_len))
+        logits_BLV, _ = model.decode(
+            dec_in_BL, enc_BKD, inputs_BK, decoder_mask_BL=mask_BL, deterministic=True
+        )
+        logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, t, axis=1, keepdims=False)
+        tok_B = jnp.where(done_B, 0, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
+        out_BL = out_BL.at[:, t].set(tok_B)
+        dec_in_BL = dec_in_BL.at[:, t + 1].set(tok_B, mode="drop")
+        return t + 1, dec_in_BL, out_BL, done_B | (tok_B == eos_id)
+
+    init = (jnp.int32(0), dec_in_BL, jnp.zeros((B, max_len), jnp.int32), jnp.zeros((B,), bool))
+    return jax.lax.while_loop(cond, body, init)[2]
+
+
+def length_penalty(length, alpha: float):
+    """GNMT length penalty ((5 + length) / 6) ** alpha."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def beam_search(
+    model, inputs_BK: jax.Array, *, beam_size: int, max_len: int, bos_id: int, eos_id: int, alpha: float = 0.6
+) -> jax.Array:
+    """Beam search with a GNMT length penalty; returns the best finished hypothesis per row.
+
+    Keeps ``beam_size`` alive (no EOS yet) and ``beam_size`` finished hypotheses per row. Each step scores
+    2·W candidates; those ending in EOS enter the finished set with score log p / length_penalty, the rest
+    compete for the alive set. It stops early once no alive beam can beat the worst finished one. A row
+    without any finished hypothesis returns its best alive one.
+    """
+    B, W = inputs_BK.shape[0], beam_size
+    enc_BKD, _ = model.encode(inputs_BK, deterministic=True)
+    enc_XKD = jnp.repeat(enc_BKD, W, axis=0)  # X = B·W flattened beams
+    inputs_XK = jnp.repeat(inputs_BK, W, axis=0)
+    positions_L = jnp.arange(max_len)
+
+    # Sequences hold BOS at index 0 and generated tokens at 1..max_len.
+    alive_BWS = jnp.zeros((B, W, max_len + 1), jnp.int32).at[:, :, 0].set(bos_id)
+    alive_lp_BW = jnp.tile(jnp.array([0.0] + [_NEG] * (W - 1), jnp.float32), (B, 1))
+    fin_BWS = jnp.zeros_like(alive_BWS)
+    fin_score_BW = jnp.full((B, W), _NEG, jnp.float32)
+    fin_flag_BW = jnp.zeros((B, W), bool)
+
+    def gather(x_BN, idx_BM):
+        return jnp.take_along_axis(x_BN, idx_BM.reshape(idx_BM.shape + (1,) * (x_BN.ndim - 2)), axis=1)
+
+    def cond(carry):
+        t, _, alive_lp_BW, _, fin_score_BW, fin_flag_BW = carry
+        best_possible_B = alive_lp_BW[:, 0] / length_penalty(max_len, alpha)
+        worst_fin_B = jnp.min(jnp.where(fin_flag_BW, fin_score_BW, _NEG), axis=1)
+        done_B = jnp.all(fin_flag_BW, axis=1) & (best_possible_B < worst_fin_B)
+        return (t < max_len) & ~jnp.all(done_B)
+
+    def body(carry):
+        t, alive_BWS, alive_lp_BW, fin_BWS, fin_score_BW, fin_flag_BW = carry
+        X = B * W
+        mask_XL = jnp.broadcast_to(positions_L <= t, (X, max_len))
+        logits_XLV, _ = model.decode(
+            alive_BWS[:, :, :max_len].reshape(X, max_len),
+            enc_XKD,
+            inputs_XK,
+            decoder_mask_BL=mask_XL,
+            deterministic=True,
+        )
+        logits_XV = jax.lax.dynamic_index_in_dim(logits_XLV, t, axis=1, keepdims=False)
+        V = logits_XV.shape[-1]
+        logp_BWV = jax.nn.log_softmax(logits_XV.astype(jnp.float32), axis=-1).reshape(B, W, V)
+        cand_BN = (alive_lp_BW[:, :, None] + logp_BWV).reshape(B, W * V)
+        top_lp_BM, top_idx_BM = jax.lax.top_k(cand_BN, 2 * W)
+        tok_BM = (top_idx_BM % V).astype(jnp.int32)
+        seqs_BMS = gather(alive_BWS, top_idx_BM // V)
+        seqs_BMS = jax.lax.dynamic_update_slice_in_dim(seqs_BMS, tok_BM[:, :, None], t + 1, axis=2)
+        is_eos_BM = tok_BM == eos_id
+
+        alive_lp_BW, alive_idx_BW = jax.lax.top_k(jnp.where(is_eos_BM, _NEG, top_lp_BM), W)
+        alive_BWS = gather(seqs_BMS, alive_idx_BW)
+
+        new_score_BM = jnp.where(is_eos_BM, top_lp_BM / length_penalty(t + 1, alpha), _NEG)
+        all_score = jnp.concatenate([fin_score_BW, new_score_BM], axis=1)
+        all_flag = jnp.concatenate([fin_flag_BW, is_eos_BM], axis=1)
+        # Finished entries always outrank empty slots, whatever their score.
+        fin_score_BW, fin_idx_BW = jax.lax.top_k(jnp.where(all_flag, all_score, 2 * _NEG), W)
+        fin_BWS = gather(jnp.concatenate([fin_BWS, seqs_BMS], axis=1), fin_idx_BW)
+        fin_flag_BW = gather(all_flag, fin_idx_BW)
+        return t + 1, alive_BWS, alive_lp_BW, fin_BWS, fin_score_BW, fin_flag_BW
+
+    init = (jnp.int32(0), alive_BWS, alive_lp_BW, fin_BWS, fin_score_BW, fin_flag_BW)
+    _, alive_BWS, _, fin_BWS, _, fin_flag_BW = jax.lax.while_loop(cond, body, init)
+    best_BS = jnp.where(fin_flag_BW[:, 0, None], fin_BWS[:, 0], alive_BWS[:, 0])
+    return best_BS[:, 1:]
+
+
+def to_token_lists(tokens_BL, eos_id: int) -> list[list[int]]:
+    """Host lists of token ids, cut before the first EOS and without padding."""
+    out = []
+    for row in np.asarray(tokens_BL).tolist():
+        if eos_id in row:
+            row = row[: row.index(eos_id)]
+        out.append([t for t in row if t != 0])
+    return out

@@ -1,0 +1,142 @@
+"""Run logging: a progress line, ``WORKDIR/metrics.jsonl``, TensorBoard event files and a routing plot.
+
+``metrics.jsonl`` holds one JSON object per logged step: ``step``, ``loss``, ``learning_rate``, aux losses,
+``tokens_per_sec``, ``steps_per_sec`` and per-MoE-layer ``moe/<layer>/expert_load`` (a list over experts),
+``dropped_fraction``, ``router_entropy`` ...; evaluation rows carry ``"kind": "eval"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def _jsonable(value):
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return arr.item()
+    return arr.tolist()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class RunLogger:
+    """Writes training and evaluation metrics.
+
+    Args:
+        workdir: where ``metrics.jsonl``, ``tensorboard/`` and ``routing.png`` go.
+        total_steps: for the ETA.
+        start_step: the step the run starts (or resumes) from; rows of ``metrics.jsonl`` past it belong to
+            a run that was lost and are dropped, so each step appears once.
+        tensorboard: write TensorBoard event files (tensorboardX).
+        stream: where the progress line goes.
+    """
+
+    def __init__(
+        self, workdir: str, total_steps: int, start_step: int = 0, *, tensorboard: bool = True, stream=None
+    ):
+        os.makedirs(workdir, exist_ok=True)
+        self.workdir, self.total_steps, self.stream = workdir, total_steps, stream or sys.stdout
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.history: list[dict] = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            self.history = [r for r in rows if r.get("step", 0) <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+        self.writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._last_time, self._last_step = time.time(), start_step
+        self._start_time, self._start_step = self._last_time, start_step
+
+    def _write(self, row: dict) -> None:
+        self.history.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def log_train(self, step: int, metrics: Mapping, *, tokens: float = 0.0) -> dict:
+        """Logs host metrics of ``step``; ``tokens`` counts the tokens processed since the last call."""
+        now = time.time()
+        dt = max(now - self._last_time, 1e-9)
+        steps_per_sec = (step - self._last_step) / dt
+        self._last_time, self._last_step = now, step
+        row = {"step": int(step), "kind": "train"}
+        row.update({k: _jsonable(v) for k, v in metrics.items()})
+        row["steps_per_sec"] = steps_per_sec
+        row["tokens_per_sec"] = tokens / dt
+        self._write(row)
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float) and k not in ("step",):
+                    self.writer.add_scalar(f"train/{k}", v, step)
+                elif isinstance(v, list) and k.endswith("expert_load"):
+                    for e, load in enumerate(v):
+                        self.writer.add_scalar(f"train/{k}/{e}", load, step)
+        overall = (step - self._start_step) / max(now - self._start_time, 1e-9)
+        eta = (self.total_steps - step) / max(overall, 1e-9)
+        print(
+            f"step {step}/{self.total_steps} | loss {row.get('loss', float('nan')):.4f} | "
+            f"{steps_per_sec:.2f} steps/s | {row['tokens_per_sec']:.0f} tok/s | ETA {format_duration(eta)}",
+            file=self.stream,
+            flush=True,
+        )
+        return row
+
+    def log_eval(self, step: int, metrics: Mapping, prefix: str = "eval") -> dict:
+        row = {"step": int(step), "kind": prefix}
+        row.update({k: _jsonable(v) for k, v in metrics.items()})
+        self._write(row)
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float) and k != "step":
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
+        print(f"{prefix} step {step} | {shown}", file=self.stream, flush=True)
+        return row
+
+    def plot_routing(self, filename: str = "routing.png") -> str | None:
+        """Expert load per MoE layer over training (one panel per layer); returns the path or None."""
+        rows = [r for r in self.history if r.get("kind") == "train"]
+        layers = sorted({k[: -len("/expert_load")] for r in rows for k in r if k.endswith("/expert_load")})
+        if not layers:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(layers), 1, figsize=(7, 2.2 * len(layers)), sharex=True, squeeze=False)
+        for ax, layer in zip(axes[:, 0], layers):
+            pts = [(r["step"], r[f"{layer}/expert_load"]) for r in rows if f"{layer}/expert_load" in r]
+            steps = [p[0] for p in pts]
+            load_SE = np.asarray([p[1] for p in pts])
+            for e in range(load_SE.shape[1]):
+                ax.plot(steps, load_SE[:, e], lw=1, label=f"expert {e}")
+            ax.axhline(1.0 / load_SE.shape[1], color="k", ls="--", lw=0.8)
+            ax.set_ylabel("load")
+            ax.set_title(layer.removeprefix("moe/"), fontsize=9)
+        axes[-1, 0].set_xlabel("step")
+        axes[0, 0].legend(fontsize=6, ncol=4, loc="upper right")
+        fig.tight_layout()
+        path = os.path.join(self.workdir, filename)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
