@@ -51,6 +51,8 @@ def main(argv):
     if _MODE.value == "eval":
         with config.unlocked():
             config.train.num_train_steps = 0  # resume, train nothing, evaluate
+    if config.get("task") in ("image_classification", "vlm"):
+        from moe_jax.train import vision_loop as trainer  # same contract: train_and_evaluate(config, workdir)
     try:
         trainer.train_and_evaluate(config, _WORKDIR.value)
     except ConfigError as e:

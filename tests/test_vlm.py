@@ -1,0 +1,195 @@
+"""VLM: prefix-LM mask, causality, loss on text only, modality split of expert load, greedy decoding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.models.vit import ViTConfig
+from moe_jax.models.vlm import VisionLanguageModel, VLMConfig, prefix_lm_mask
+from moe_jax.train import vision_tasks
+
+VISION = ViTConfig(
+    image_size=8,
+    patch_size=4,
+    channels=3,
+    num_classes=0,
+    d_model=16,
+    num_heads=2,
+    d_ff=32,
+    num_layers=2,
+    num_experts=4,
+    top_k=2,
+    dispatch="indices",
+)
+P = 4  # (8 / 4)² image tokens
+
+
+def _cfg(**kw):
+    base = dict(
+        vision=VISION,
+        vocab_size=20,
+        d_model=16,
+        num_heads=2,
+        d_ff=32,
+        num_layers=2,
+        num_experts=4,
+        top_k=2,
+        moe_d_ff=16,
+        capacity_factor=None,
+        dispatch="indices",
+    )
+    return VLMConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return VisionLanguageModel(_cfg(), rngs=nnx.Rngs(0))
+
+
+def _images(key, b=2):
+    return jax.random.normal(jax.random.key(key), (b, 8, 8, 3))
+
+
+TEXT = jnp.array([[2, 5, 7, 9, 11, 3], [2, 6, 8, 3, 0, 0]], jnp.int32)
+
+
+def test_prefix_lm_mask_exact():
+    mask_BL = jnp.array([[True] * 5, [True] * 4 + [False]])
+    m = np.asarray(prefix_lm_mask(2, mask_BL))
+    expected = np.array(
+        [
+            [1, 1, 0, 0, 0],  # image token 0: sees both image tokens, no text
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],  # text token 2: images + itself
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1],
+        ],
+        bool,
+    )
+    np.testing.assert_array_equal(m[0], expected)
+    # Padding (last key of row 1) is visible to no one.
+    np.testing.assert_array_equal(m[1], expected & np.array([1, 1, 1, 1, 0], bool)[None])
+
+
+def test_shapes_and_aux(model):
+    logits, aux = model(_images(0), TEXT)
+    assert logits.shape == (2, 6, 20) and logits.dtype == jnp.float32
+    assert sorted(aux) == ["decoder/layer_1", "vision/vit/layer_1"]
+    dec = aux["decoder/layer_1"]
+    for k in ("expert_count_image", "expert_count_text", "expert_load_image", "expert_load_text"):
+        assert dec[k].shape == (4,), k
+    with pytest.raises(ValueError, match="image has 1 channels"):
+        model(jnp.zeros((2, 8, 8, 1)), TEXT)
+    with pytest.raises(ValueError, match="text must have shape"):
+        model(_images(0), TEXT[:1])
+
+
+def test_text_is_causal_and_sees_the_image(model):
+    logits, _ = model(_images(0), TEXT)
+    # A later text token never changes earlier logits.
+    logits2, _ = model(_images(0), TEXT.at[:, 3].set(13))
+    np.testing.assert_allclose(logits[:, :3], logits2[:, :3], atol=1e-5)
+    assert not np.allclose(logits[0, 3:], logits2[0, 3:], atol=1e-4)
+    # The first text token already depends on the image (image tokens are visible to every text token).
+    logits3, _ = model(_images(1), TEXT)
+    assert not np.allclose(logits[:, 0], logits3[:, 0], atol=1e-4)
+
+
+def test_image_tokens_do_not_see_text(model):
+    # Capture the decoder's image-token states through a text-independent path: with the image-token rows
+    # of the mask blind to text, the image part of the residual stream must not move when text changes.
+    prefix, _ = model.encode_image(_images(0))
+    outs = []
+    for text in (TEXT, TEXT.at[:, 1:].set(12)):
+        x = jnp.concatenate([prefix, model.embed(text)], axis=1)
+        mask = jnp.concatenate([jnp.ones((2, P), bool), text != 0], axis=1)
+        pos = jnp.broadcast_to(jnp.arange(x.shape[1]), mask.shape)
+        for layer in model.layers:
+            x, _ = layer(x, attn_mask_BLL=prefix_lm_mask(P, mask), mask_BL=mask, positions_BL=pos)
+        outs.append(x[:, :P])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_loss_is_on_weighted_text_tokens_only(model):
+    targets = jnp.concatenate([TEXT[:, 1:], jnp.zeros((2, 1), jnp.int32)], axis=1)
+    weights = jnp.zeros((2, 6)).at[0, 2:5].set(1.0).at[1, 2].set(1.0)
+    batch = {"image": _images(0), "text": TEXT, "targets": targets, "weights": weights}
+    loss, metrics = vision_tasks.vlm_loss(model, batch, deterministic=True, lb_weight=0.0, z_weight=0.0)
+    logits, _ = model(_images(0), TEXT)
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(loss, (nll * weights).sum() / weights.sum(), rtol=1e-5)
+    # Targets at unweighted positions do not matter.
+    other = {**batch, "targets": jnp.where(weights > 0, targets, 17)}
+    np.testing.assert_allclose(
+        vision_tasks.vlm_loss(model, other, deterministic=True, lb_weight=0.0, z_weight=0.0)[0],
+        loss,
+        rtol=1e-6,
+    )
+    assert float(metrics["num_tokens"]) == 4.0
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_modality_split_sums_to_the_layer_load(capacity_factor):
+    m = VisionLanguageModel(_cfg(capacity_factor=capacity_factor), rngs=nnx.Rngs(1))
+    _, aux = m(_images(2), TEXT, deterministic=True)
+    dec = aux["decoder/layer_1"]
+    n_image, n_text = 2 * P, int((TEXT != 0).sum())
+    K = 2
+    # Every real token's K assignments are counted once, by modality; padding in neither.
+    assert float(dec["expert_count_image"].sum()) == n_image * K
+    assert float(dec["expert_count_text"].sum()) == n_text * K
+    total = dec["expert_count_image"] + dec["expert_count_text"]
+    np.testing.assert_allclose(total / total.sum(), dec["expert_load"], atol=1e-6)
+    share = n_image / (n_image + n_text)
+    np.testing.assert_allclose(
+        share * dec["expert_load_image"] + (1 - share) * dec["expert_load_text"],
+        dec["expert_load"],
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(dec["expert_load_text"].sum(), 1.0, atol=1e-6)
+
+
+def test_decoder_moe_is_causal():
+    # The decoder's MoE layers are built with causal=True, so a non-causal router is refused.
+    with pytest.raises(ValueError, match="causal"):
+        VisionLanguageModel(_cfg(router="expert_choice", capacity_factor=1.0), rngs=nnx.Rngs(0))
+    # A dense vision tower and a dense decoder build too.
+    dense = VisionLanguageModel(
+        _cfg(moe_every=0, vision=dataclasses.replace(VISION, moe_layers=())), rngs=nnx.Rngs(0)
+    )
+    assert dense(_images(0), TEXT)[1] == {}
+
+
+def test_greedy_decode_matches_teacher_forcing(model):
+    prompt = jnp.array([[2, 5, 7, 0, 0, 0], [2, 6, 0, 0, 0, 0]], jnp.int32)
+    prompt_len = jnp.array([3, 2], jnp.int32)
+    out = np.asarray(vision_tasks.greedy_decode_vlm(model, _images(0), prompt, prompt_len, eos_id=3))
+    for b in range(2):
+        n = int(prompt_len[b])
+        gen = []
+        for t in out[b]:  # up to the first pad (an untrained model may emit it) or EOS
+            if t == 0:
+                break
+            gen.append(int(t))
+            if t == 3:
+                break
+        seq = list(np.asarray(prompt[b, :n])) + gen
+        seq = (seq + [0] * 6)[:6]
+        logits, _ = model(_images(0)[b : b + 1], jnp.array([seq], jnp.int32))
+        # Each generated token is the argmax after the tokens before it.
+        for i, tok in enumerate(gen[: 6 - n]):
+            assert int(jnp.argmax(logits[0, n - 1 + i])) == tok
+
+
+def test_vqa_exact_match_and_bleu():
+    assert vision_tasks.vqa_exact_match(["Red", "blue ", "yes"], ["red", "blue", "no"]) == pytest.approx(
+        200 / 3
+    )
+    assert vision_tasks.caption_bleu(
+        ["a small red square left of a big blue circle"], ["a small red square left of a big blue circle"]
+    ) == pytest.approx(100.0)
