@@ -62,18 +62,30 @@ def _backend_runs(backend: str, platform: str) -> bool:
     return platform in supported.get(backend, (platform,))
 
 
-def measure(fn, args, repeats: int) -> tuple[float, int]:
-    """(median wall ms after a warm-up call, temp bytes) of one compiled program."""
+def compile_case(fn, args) -> tuple:
+    """(compiled program, its temp bytes), after one warm-up call."""
     compiled = fn.lower(*args).compile()
     analysis = compiled.memory_analysis()
     temp = int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
     jax.block_until_ready(compiled(*args))
-    samples = []
+    return compiled, temp
+
+
+def median_ms(cases: dict, repeats: int) -> dict:
+    """Median wall ms per case, rounds interleaved so background load hits every case alike."""
+    samples = {name: [] for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples), temp
+        for name, (compiled, args) in cases.items():
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def measure(fn, args, repeats: int) -> tuple[float, int]:
+    """(median wall ms, temp bytes) of one program on its own."""
+    compiled, temp = compile_case(fn, args)
+    return median_ms({"one": (compiled, args)}, repeats)["one"], temp
 
 
 def dense_case(x, D, width, dtype, key):
@@ -111,29 +123,30 @@ def run(preset: str, dtype_name: str | None, repeats: int, only: list[str] | Non
     T = B * L
     useful_flops = 3 * 2 * T * 3 * D * K * F  # fwd+bwd of the K active SwiGLU experts
 
-    rows = []
+    dense_name = f"dense swiglu (width K·F={K * F})"
     fn, args = dense_case(x, D, K * F, dtype, jax.random.key(1))
-    dense_ms, dense_temp = measure(fn, args, repeats)
-    rows.append(
-        dict(impl=f"dense swiglu (width K·F={K * F})", ms=dense_ms, temp_bytes=dense_temp, dropless=True)
-    )
+    compiled, temp = compile_case(fn, args)
+    cases, temps, flags, errors = {dense_name: (compiled, args)}, {dense_name: temp}, {dense_name: True}, {}
     for name, kwargs, dropless in implementations(platform):
         if only and not any(o in name for o in only):
             continue
+        flags[name] = dropless
         try:
             fn, args = moe_case(x, D, F, E, K, dtype, kwargs)
-            ms, temp = measure(fn, args, repeats)
-            rows.append(dict(impl=name, ms=ms, temp_bytes=temp, dropless=dropless))
+            compiled, temps[name] = compile_case(fn, args)
+            cases[name] = (compiled, args)
         except Exception as e:  # one backend failing (e.g. out of memory) must not hide the others
-            rows.append(
-                dict(
-                    impl=name,
-                    ms=float("nan"),
-                    temp_bytes=-1,
-                    dropless=dropless,
-                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                )
-            )
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    times = median_ms(cases, repeats)
+    dense_ms, dense_temp = times[dense_name], temps[dense_name]
+    rows = []
+    for name, dropless in flags.items():
+        row = dict(
+            impl=name, ms=times.get(name, float("nan")), temp_bytes=temps.get(name, -1), dropless=dropless
+        )
+        if name in errors:
+            row["error"] = errors[name]
+        rows.append(row)
     for row in rows:
         row.update(
             preset=preset,
