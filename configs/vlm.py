@@ -10,14 +10,14 @@ Variants (``--config=configs/vlm.py:VARIANT``):
     default: 32x32 scenes (4,000 train), patch 8 (16 image tokens); ViT d_model 64, 4 blocks, MoE in block 3;
         decoder d_model 128, 4 blocks, MoE in blocks 1 and 3 (8 experts, top-2, expert width 128 = half the
         dense width 256, so active FLOPs match a dense decoder); 1,500 steps of batch 64. Hardware: 2 CPU
-        cores. Time: ~1 step/s on a shared 2-core machine, so ~25-35 minutes. Measured at 300 steps (the
-        experiment's MoE arm, same config): test VQA exact match 63.6%, caption BLEU 44.3; the full 1,500
-        steps were not measured yet.
+        cores. Time: ~1 step/s on a shared 2-core machine, so ~25-35 minutes. Expected: measured at 300
+        steps (the experiment's MoE arm, same config): test VQA exact match 63.6%, caption BLEU 44.3; the
+        full 1,500 steps were not measured yet.
     smoke: 16x16 scenes, a tiny model, a few steps (tests; seconds).
     coco_captions: COCO captions (Karpathy splits) at 224 px, patch 16, caption-only training, a 10k-word
         vocabulary; needs ``pip install 'moe_jax[tf]' && tfds build coco_captions
         --file_format=array_record`` (TFDS's COCO builder itself imports TensorFlow). Hardware: 8 GPUs,
-        ~1 day; expected caption BLEU-4 in the 20s without pre-training.
+        ~1 day. Expected: not run here; caption BLEU-4 in the 20s is typical without pre-training.
 """
 
 import importlib.util

@@ -101,3 +101,12 @@ def test_unreadable_checkpoint(tmp_path):
     proc = _run([*SMOKE, f"--workdir={tmp_path / 'w'}"], tmp_path)
     _assert_one_line_error(proc, "no readable checkpoint")
     assert os.listdir(tmp_path / "w" / "checkpoints") == ["4"]
+
+
+def test_vision_configs_go_through_the_same_command(tmp_path):
+    """``moe_jax.main`` dispatches vision tasks to the vision loop, with the same one-line errors."""
+    proc = _run(
+        ["--config=configs/vlm.py:smoke", f"--workdir={tmp_path / 'w'}", "--config.optim.learning_rate=-1.0"],
+        tmp_path,
+    )
+    _assert_one_line_error(proc, "config.optim.learning_rate=-1.0")

@@ -33,7 +33,7 @@ VARIANTS = [(IC, v) for v in ("default", "smoke", "cifar10", "imagenet2012")] + 
 def test_variant_loads_and_builds_abstractly(module, variant):
     config = module.get_config(variant)
     assert config.task in vision_loop.TASKS
-    for needle in ("python -m moe_jax.train.vision_loop", "Hardware", "Expected"):
+    for needle in ("python -m moe_jax.main --config=configs/", "Hardware", "Expected"):
         assert needle in module.__doc__
     model = nnx.eval_shape(lambda: vision_loop.build_model(config, vocab_size=40))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
