@@ -243,7 +243,6 @@ def _tfds_name(config) -> str:
 
 def _tfds_sources(config, data_dir: str) -> dict[str, TextPairSource]:
     """Opens a prepared TFDS dataset (array_record) without ever downloading or preparing it."""
-    import tensorflow_datasets as tfds
 
     # Legacy dataset families register their builders only when their package is imported.
     import tensorflow_datasets.summarization  # noqa: F401
@@ -260,21 +259,7 @@ def _tfds_sources(config, data_dir: str) -> dict[str, TextPairSource]:
         raise DatasetUnavailableError(f"{name}: set data.input_key and data.target_key to its feature names")
     sources = {}
     for split in SPLITS:
-        try:
-            source = tfds.data_source(
-                name,
-                split=split,
-                data_dir=data_dir,
-                download=False,
-                builder_kwargs={"file_format": "array_record"},
-            )
-        except Exception as e:  # TFDS signals "not prepared" with KeyError, AssertionError, NotFound, ...
-            reason = " ".join(str(e).split())[:160]
-            raise DatasetUnavailableError(
-                f"dataset {name} is not prepared in {data_dir} ({type(e).__name__}: {reason}); prepare it "
-                f"once with: pip install 'moe_jax[tf]' && tfds build {name} --data_dir={data_dir} "
-                f"--file_format=array_record"
-            ) from e
+        source = prepared_source(name, split, data_dir)
         sources[split] = TextPairSource(source, input_key, target_key)
     return sources
 
@@ -334,6 +319,31 @@ def make_seq2seq_data(data_config, *, data_dir: str, seed: int = 0) -> Seq2SeqDa
         name=name,
         num_threads=int(_get(data_config, "num_threads", 2)),
     )
+
+
+def prepared_source(name: str, split: str, data_dir: str):
+    """Random-access TFDS source of a prepared (array_record) dataset split; never downloads.
+
+    Raises:
+        DatasetUnavailableError: the split is not prepared in ``data_dir`` (one line naming the fix).
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=False,
+            builder_kwargs={"file_format": "array_record"},
+        )
+    except Exception as e:  # TFDS signals "not prepared" with KeyError, AssertionError, NotFound, ...
+        reason = " ".join(str(e).split())[:160]
+        raise DatasetUnavailableError(
+            f"dataset {name} split {split} is not prepared in {data_dir} ({type(e).__name__}: {reason}); "
+            f"prepare it once with: pip install 'moe_jax[tf]' && tfds build {name} --data_dir={data_dir} "
+            f"--file_format=array_record"
+        ) from e
 
 
 def seq2seq_data_from_pairs(

@@ -158,23 +158,9 @@ def _read_all(source, indices: Sequence[int]) -> list[dict]:
 
 
 def _tfds_source(name: str, split: str, data_dir: str):
-    import tensorflow_datasets as tfds
+    from moe_jax.data.pipeline import prepared_source
 
-    try:
-        return tfds.data_source(
-            name,
-            split=split,
-            data_dir=data_dir,
-            download=False,
-            builder_kwargs={"file_format": "array_record"},
-        )
-    except Exception as e:  # TFDS signals "not prepared" with KeyError, AssertionError, NotFound, ...
-        reason = " ".join(str(e).split())[:160]
-        raise DatasetUnavailableError(
-            f"dataset {name} split {split} is not prepared in {data_dir} ({type(e).__name__}: {reason}); "
-            f"prepare it once with: pip install 'moe_jax[tf]' && tfds build {name} --data_dir={data_dir} "
-            f"--file_format=array_record"
-        ) from e
+    return prepared_source(name, split, data_dir)
 
 
 def _prepared_builder(name: str, data_dir: str, builder_config: str | None):
