@@ -12,8 +12,14 @@ B, L, D, F, E, K = 8, 8, 16, 32, 8, 2
 STEPS = 3
 
 
-def run_steps(expert_parallel: str) -> list[float]:
-    """Losses of STEPS Adam steps of a MoE regression on the ``data × expert`` mesh of all devices."""
+def run_steps(
+    expert_parallel: str, preset: str = "ep", mesh_shape=None, devices=None, return_params: bool = False
+):
+    """Losses of STEPS Adam steps of a MoE regression (default: the ``data × expert`` mesh of all devices).
+
+    With ``return_params`` also the final parameters as NumPy arrays (equal parameters after 3 steps of
+    Adam mean equal gradients at every step).
+    """
     import jax
     import jax.numpy as jnp
     import optax
@@ -22,8 +28,8 @@ def run_steps(expert_parallel: str) -> list[float]:
 
     from moe_jax import MoeLayer, distributed, sharding
 
-    mesh = sharding.make_mesh({"data": 2, "expert": -1})
-    rules = sharding.preset_rules("ep")
+    mesh = sharding.make_mesh(mesh_shape or {"data": 2, "expert": -1}, devices)
+    rules = sharding.preset_rules(preset)
     layer = MoeLayer(D, F, E, K, capacity_factor=1.25, expert_parallel=expert_parallel, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
     params = sharding.shard_state(params, mesh, rules)
@@ -53,6 +59,8 @@ def run_steps(expert_parallel: str) -> list[float]:
             target = distributed.global_batch(target_all[s][rows], mesh, batch_spec)
             params, opt_state, loss = train_step(params, opt_state, x, target)
             losses.append(float(loss))
+    if return_params:
+        return losses, jax.tree.map(np.asarray, nnx.to_pure_dict(params))
     return losses
 
 

@@ -69,7 +69,7 @@ def expert_parallel_moe(
     rules = sharding.current_rules()
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     batch_axes = _axis_of(sharding.logical_to_spec(("act_batch",), rules, mesh.axis_names), 0)
-    batch_axes = tuple(a for a in batch_axes if sizes[a] > 1)
+    # Size-1 axes stay in: the expert weights still vary over them in shard_map's replication check.
     shards = 1
     for a in batch_axes:
         shards *= sizes[a]
