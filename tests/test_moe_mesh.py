@@ -113,3 +113,42 @@ def test_shard_map_path_needs_a_mesh():
     layer = MoeLayer(D, F, E, K, expert_parallel="shard_map", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="needs a mesh"):
         layer(jnp.ones((2, 4, D)))
+
+
+@pytest.mark.parametrize("expert_parallel", ["gspmd", "shard_map"])
+def test_collective_bytes_equal_the_analytic_minimum(expert_parallel):
+    """Per device and step: 3 all-to-alls of exactly one capacity buffer [E, G_local, C, D] (dispatch, return,
+    and the return's cotangent; parameter gradients need no cotangent through the dispatch), and one
+    data-parallel all-reduce of each parameter gradient slice held by the device. Nothing else."""
+    from moe_jax import hlo_stats
+
+    layer = MoeLayer(
+        D,
+        F,
+        E,
+        K,
+        capacity_factor=1.25,
+        dispatch="indices",
+        expert_parallel=expert_parallel,
+        rngs=nnx.Rngs(0),
+    )
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    mesh = sharding.make_mesh({"data": 2, "expert": 4})
+    rules = sharding.preset_rules("ep")
+    params = sharding.shard_state(params, mesh, rules)
+    x = jax.device_put(jnp.ones((B, L, D)), NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert"))))
+
+    def loss(params, x):
+        y, _ = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(y**2)
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        table = hlo_stats.summary(jax.jit(jax.grad(loss)).lower(params, x).compile().as_text())
+    capacity = -(-K * L * 5 // (4 * E))  # ceil(K·S·1.25/E), S = L: one group per sequence
+    groups_per_device = B // 8
+    buffer_bytes = E * groups_per_device * capacity * D * 4
+    expert_grad_bytes = 3 * (E // 4) * D * F * 4  # w_gate, w_up, w_down slices of this device
+    router_grad_bytes = D * E * 4
+    assert set(table) == {"all-to-all", "all-reduce"}, table
+    assert table["all-to-all"] == {"count": 3, "bytes": 3 * buffer_bytes}
+    assert table["all-reduce"]["bytes"] == expert_grad_bytes + router_grad_bytes

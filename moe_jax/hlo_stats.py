@@ -1,0 +1,74 @@
+"""Collectives of a compiled program, counted and sized from its HLO text.
+
+``collectives(compiled.as_text())`` lists every all-to-all / all-gather / all-reduce / reduce-scatter /
+collective-permute with the bytes of its result on one device. Used by the expert-parallelism guards (the
+``ep`` step must exchange tokens with all-to-all, never all-gather expert weights) and by the sharding
+comparison tools.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
+# "%name = f32[8,16]{1,0} all-to-all(" or a tuple result "(f32[..], f32[..]) all-to-all("
+_OP = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(KINDS) + r")(-start)?\(")
+_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str
+    result_bytes: int
+    line: str
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        if dtype not in _DTYPE_BYTES:
+            continue
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES[dtype]
+    return total
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective of the (optimized) HLO module text, with its per-device result bytes."""
+    found = []
+    for line in hlo_text.splitlines():
+        m = _OP.search(line)
+        if m:
+            found.append(Collective(m.group(2), _shape_bytes(m.group(1)), line.strip()))
+    return found
+
+
+def summary(hlo_text: str) -> dict[str, dict[str, int]]:
+    """``{kind: {"count": n, "bytes": total result bytes per device}}`` for the kinds present."""
+    table: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+    for c in collectives(hlo_text):
+        table[c.kind]["count"] += 1
+        table[c.kind]["bytes"] += c.result_bytes
+    return dict(table)
