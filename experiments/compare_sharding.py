@@ -18,6 +18,7 @@ collective columns are what a real mesh of that shape would hold and send; the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,13 +29,11 @@ import jax
 
 # Simulated CPU devices must be set before JAX initialises (only the CPU backend reads it). When imported
 # into a process that already initialised JAX (the tests), its device count stands.
-try:
+with contextlib.suppress(RuntimeError):
     jax.config.update(
         "jax_num_cpu_devices",
         int(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), 8)),
     )
-except RuntimeError:
-    pass
 
 import importlib.util  # noqa: E402
 
