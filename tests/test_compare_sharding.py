@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from experiments import compare_sharding
 
 
+@pytest.mark.slow  # compiles the full train step twice (~40 s on 2 cores)
 def test_compare_dp_and_ep_on_smoke_config(tmp_path):
     out = tmp_path / "cmp"
     rc = compare_sharding.main(
