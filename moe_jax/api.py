@@ -10,14 +10,9 @@ Two model families sit behind one class:
   the trainer's Optax optimizer (:func:`moe_jax.train.optim.make_optimizer`). Prediction is the trainer's
   greedy decoding (:func:`moe_jax.train.decode.greedy_decode`).
 * Classification (``task='classification'``): NumPy features ``X`` of shape ``[N, F]`` or ``[N, L, F]``
-  and labels ``y`` of shape ``[N]``. :class:`FeatureClassifier` turns the (standardized) features into
-  tokens, runs MoE Transformer encoder blocks (:class:`moe_jax.models.transformer.Block`), mean-pools and
-  applies a linear head:
-
-  - ``[N, F]``: the F features are cut into consecutive chunks of ``patch_size`` values (zero-padded at the
-    end; by default ``patch_size = ceil(F / 8)``, so at most 8 tokens), like image patches;
-  - ``[N, L, F]``: each of the L rows is one token of F values;
-  - every token is linearly embedded to ``d_model`` and gets a learned position embedding.
+  and labels ``y`` of shape ``[N]``, through a
+  :class:`~moe_jax.models.feature_classifier.FeatureClassifier` (how features become tokens is described
+  there).
 
 Both families run on one device (no mesh); everything else (mesh, checkpoints, logging) is the job of
 ``python -m moe_jax.main``. Unless overridden, every Transformer block's FFN is an MoE layer
@@ -39,9 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
-from moe_jax import sharding
-from moe_jax.models.layers import Norm
-from moe_jax.models.transformer import Block, ModelConfig, Seq2SeqTransformer
+from moe_jax.models.feature_classifier import FeatureClassifier
+from moe_jax.models.transformer import ModelConfig, Seq2SeqTransformer
 
 __all__ = ["FeatureClassifier", "SparseMoeModel", "TASKS"]
 
@@ -74,102 +68,6 @@ def _check_positive_float(name: str, value: Any) -> float:
     if not (math.isfinite(float(value)) and value > 0):
         raise ValueError(f"{name}={value!r} must be a positive number")
     return float(value)
-
-
-class FeatureClassifier(nnx.Module):
-    """MoE Transformer encoder over feature tokens → mean pool → linear head.
-
-    ``logits_BQ, aux = model(tokens_BTP, dropout_key=None, deterministic=True)`` where ``tokens_BTP`` holds
-    T tokens of P values each (see the module docstring for how features become tokens) and ``aux`` maps
-    ``encoder/layer_<i>`` of every MoE block to its aux dict (as the seq2seq model does).
-
-    Args:
-        cfg: architecture (``num_encoder_layers`` blocks; ``positions`` must be ``'learned'``, and ``max_len``
-            at least T); ``vocab_size`` is unused.
-        token_dim: P, values per token.
-        num_tokens: T.
-        num_classes: Q.
-        rngs: initialisation randomness.
-    """
-
-    def __init__(
-        self, cfg: ModelConfig, *, token_dim: int, num_tokens: int, num_classes: int, rngs: nnx.Rngs
-    ):
-        if cfg.positions != "learned":
-            raise ValueError(f"positions={cfg.positions!r}: the feature classifier uses 'learned' positions")
-        self.cfg = cfg
-        pdt = jnp.dtype(cfg.param_dtype)
-        self.embed_w = sharding.param(
-            nnx.initializers.lecun_normal()(rngs.params(), (token_dim, cfg.d_model), pdt), (None, "embed")
-        )
-        self.embed_b = sharding.param(jnp.zeros((cfg.d_model,), pdt), ("embed",))
-        self.pos = sharding.param(
-            nnx.initializers.normal(0.02)(rngs.params(), (num_tokens, cfg.d_model), pdt), (None, "embed")
-        )
-        self.layers = nnx.List(
-            [
-                Block(cfg, use_moe=cfg.is_moe(i), causal=False, cross=False, rngs=rngs)
-                for i in range(cfg.num_encoder_layers)
-            ]
-        )
-        self.final_norm = Norm(cfg.d_model, cfg.norm, dtype=jnp.dtype(cfg.dtype), param_dtype=pdt)
-        # A zero head starts every class at the same logit (initial loss = log Q).
-        self.head_w = sharding.param(jnp.zeros((cfg.d_model, num_classes), pdt), ("embed", None))
-        self.head_b = sharding.param(jnp.zeros((num_classes,), pdt), (None,))
-
-    def __call__(self, tokens_BTP, *, dropout_key=None, deterministic=True):
-        dtype = jnp.dtype(self.cfg.dtype)
-        x_BTD = tokens_BTP.astype(dtype) @ self.embed_w[...].astype(dtype) + self.embed_b[...].astype(dtype)
-        x_BTD = x_BTD + self.pos[...].astype(dtype)[None]
-        B, T = x_BTD.shape[:2]
-        mask_BT = jnp.ones((B, T), bool)
-        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        aux = {}
-        for i, layer in enumerate(self.layers):
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            x_BTD, layer_aux = layer(
-                x_BTD,
-                self_mask_BLL=jnp.ones((B, T, T), bool),
-                positions_BL=positions_BT,
-                mask_BL=mask_BT,
-                dropout_key=key,
-                deterministic=deterministic,
-            )
-            if layer_aux is not None:
-                aux[f"encoder/layer_{i}"] = layer_aux
-        pooled_BD = jnp.mean(self.final_norm(x_BTD).astype(jnp.float32), axis=1)
-        logits_BQ = pooled_BD @ self.head_w[...].astype(jnp.float32) + self.head_b[...].astype(jnp.float32)
-        return logits_BQ, aux
-
-
-def _classification_train_step(graphdef, state, batch, *, seed: int, lb_weight: float, z_weight: float):
-    """One update of a :class:`FeatureClassifier` (mirrors :func:`moe_jax.train.step.train_step`)."""
-    from moe_jax.train import step as step_lib
-
-    old_leaves = jax.tree.leaves(state)
-    model, optimizer = nnx.merge(graphdef, state)
-    dropout_key = jax.random.fold_in(jax.random.key(seed), optimizer.step[...])
-    model_def, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss_fn(params):
-        logits_BQ, aux = nnx.merge(model_def, params, rest)(
-            batch["x"], dropout_key=dropout_key, deterministic=False
-        )
-        ones_B1 = jnp.ones(batch["y"].shape + (1,), jnp.float32)
-        ce_sum, correct = step_lib.cross_entropy(logits_BQ[:, None], batch["y"][:, None], ones_B1)
-        n = batch["y"].shape[0]
-        lb = sum((a["load_balancing_loss"] for a in aux.values()), jnp.zeros((), jnp.float32))
-        z = sum((a["router_z_loss"] for a in aux.values()), jnp.zeros((), jnp.float32))
-        loss = ce_sum / n + lb_weight * lb + z_weight * z
-        return loss, {"loss": loss, "ce_loss": ce_sum / n, "accuracy": correct / n}
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    optimizer.update(model, grads)
-    new_state = nnx.state((model, optimizer))
-    finite = jnp.isfinite(loss) & jnp.isfinite(jax.tree.reduce(lambda a, g: a + jnp.sum(g * g), grads, 0.0))
-    leaves, treedef = jax.tree.flatten(new_state)
-    new_state = jax.tree.unflatten(treedef, [jnp.where(finite, n, o) for n, o in zip(leaves, old_leaves)])
-    return new_state, {**metrics, "finite": finite}
 
 
 class SparseMoeModel:
@@ -672,7 +570,7 @@ class SparseMoeModel:
                 step_lib.train_step, graphdef, schedule=schedule, seed=seed, skip_nonfinite=True, **weights
             )
         else:
-            step_fn = functools.partial(_classification_train_step, graphdef, seed=seed, **weights)
+            step_fn = functools.partial(step_lib.classification_train_step, graphdef, seed=seed, **weights)
         step_fn = jax.jit(step_fn, donate_argnums=0)
         history: dict[str, list[float]] = {"loss": [], "accuracy": []}
         losses, accs, skipped = [], [], 0

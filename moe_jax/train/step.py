@@ -175,3 +175,31 @@ def jit_train_step(graphdef, state_shardings, batch_sharding, **kwargs):
 def jit_eval_step(graphdef, state_shardings, batch_sharding, **kwargs):
     fn = functools.partial(eval_step, graphdef, **kwargs)
     return jax.jit(fn, in_shardings=(state_shardings, batch_sharding))
+
+
+def classification_train_step(graphdef, state, batch, *, seed: int, lb_weight: float, z_weight: float):
+    """One update of a :class:`~moe_jax.models.feature_classifier.FeatureClassifier`."""
+    old_leaves = jax.tree.leaves(state)
+    model, optimizer = nnx.merge(graphdef, state)
+    dropout_key = jax.random.fold_in(jax.random.key(seed), optimizer.step[...])
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params):
+        logits_BQ, aux = nnx.merge(model_def, params, rest)(
+            batch["x"], dropout_key=dropout_key, deterministic=False
+        )
+        ones_B1 = jnp.ones(batch["y"].shape + (1,), jnp.float32)
+        ce_sum, correct = cross_entropy(logits_BQ[:, None], batch["y"][:, None], ones_B1)
+        n = batch["y"].shape[0]
+        lb = sum((a["load_balancing_loss"] for a in aux.values()), jnp.zeros((), jnp.float32))
+        z = sum((a["router_z_loss"] for a in aux.values()), jnp.zeros((), jnp.float32))
+        loss = ce_sum / n + lb_weight * lb + z_weight * z
+        return loss, {"loss": loss, "ce_loss": ce_sum / n, "accuracy": correct / n}
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    optimizer.update(model, grads)
+    new_state = nnx.state((model, optimizer))
+    finite = jnp.isfinite(loss) & jnp.isfinite(jax.tree.reduce(lambda a, g: a + jnp.sum(g * g), grads, 0.0))
+    leaves, treedef = jax.tree.flatten(new_state)
+    new_state = jax.tree.unflatten(treedef, [jnp.where(finite, n, o) for n, o in zip(leaves, old_leaves)])
+    return new_state, {**metrics, "finite": finite}
