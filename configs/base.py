@@ -98,6 +98,24 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def transformer_base_moe(c: ml_collections.ConfigDict, **model_overrides) -> ml_collections.ConfigDict:
+    """Transformer-base-sized MoE encoder-decoder for accelerators: 6+6 layers, 32 experts top-2, bf16."""
+    c.model.update(
+        d_model=512,
+        num_heads=8,
+        d_ff=2048,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        num_experts=32,
+        top_k=2,
+        dtype="bfloat16",
+        dropout_rate=0.1,
+        **model_overrides,
+    )
+    c.loss.label_smoothing = 0.1
+    return c
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks a config to a few seconds of training (tests)."""
     c.data.vocab_size = 500

@@ -60,19 +60,7 @@ def get_config(variant: str = "default"):
         c.data.max_input_len = 512
         c.data.max_target_len = 128 if variant == "cnn_dailymail" else 64
         c.data.tokenizer_train_examples = 300_000
-        c.model.update(
-            d_model=512,
-            num_heads=8,
-            d_ff=2048,
-            num_encoder_layers=6,
-            num_decoder_layers=6,
-            num_experts=32,
-            top_k=2,
-            dtype="bfloat16",
-            dropout_rate=0.1,
-            max_len=1024,
-        )
-        c.loss.label_smoothing = 0.1
+        base.transformer_base_moe(c, max_len=1024)
         c.optim.update(learning_rate=5e-4, warmup_steps=4000)
         c.train.update(
             batch_size=128,

@@ -51,18 +51,7 @@ def get_config(variant: str = "default"):
         c.data.vocab_size = 8000
         c.data.max_input_len = 64
         c.data.max_target_len = 64
-        c.model.update(
-            d_model=512,
-            num_heads=8,
-            d_ff=2048,
-            num_encoder_layers=6,
-            num_decoder_layers=6,
-            num_experts=32,
-            top_k=2,
-            dtype="bfloat16",
-            dropout_rate=0.1,
-        )
-        c.loss.label_smoothing = 0.1
+        base.transformer_base_moe(c)
         c.train.update(
             batch_size=256,
             num_train_steps=20_000,
@@ -82,19 +71,7 @@ def get_config(variant: str = "default"):
         c.data.max_input_len = 128
         c.data.max_target_len = 128
         c.data.tokenizer_train_examples = 1_000_000
-        c.model.update(
-            d_model=512,
-            num_heads=8,
-            d_ff=2048,
-            num_encoder_layers=6,
-            num_decoder_layers=6,
-            num_experts=32,
-            top_k=2,
-            dtype="bfloat16",
-            dropout_rate=0.1,
-            max_len=256,
-        )
-        c.loss.label_smoothing = 0.1
+        base.transformer_base_moe(c, max_len=256)
         c.optim.update(learning_rate=1e-3, schedule="rsqrt", warmup_steps=4000)
         c.train.update(
             batch_size=512,
