@@ -78,9 +78,30 @@ def check_aux(aux, metrics):
 @pytest.mark.parametrize("dispatch", ["einsum", "indices", "grouped"])
 @pytest.mark.parametrize("router", list(ROUTERS))
 def test_forward_and_gradients_match_reference(router, dispatch, capacity_factor):
+    # "grouped" runs the default backend here: the core + overflow layout on CPU.
     layer = MoeLayer(
         D, F, E, K, capacity_factor=capacity_factor, dispatch=dispatch, rngs=nnx.Rngs(0), **ROUTERS[router]
     )
+    check_layer_against_reference(layer, capacity_factor, router)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("backend", ["ladder", "xla"])
+def test_other_grouped_backends_match_reference(backend, capacity_factor):
+    layer = MoeLayer(
+        D,
+        F,
+        E,
+        K,
+        capacity_factor=capacity_factor,
+        dispatch="grouped",
+        grouped_backend=backend,
+        rngs=nnx.Rngs(0),
+    )
+    check_layer_against_reference(layer, capacity_factor, "token_choice")
+
+
+def check_layer_against_reference(layer, capacity_factor, router):
     x = make_inputs(1)
     y, aux = layer(x)
     y_ref, metrics, combine = run_reference(layer, x)

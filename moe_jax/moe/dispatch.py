@@ -5,7 +5,8 @@ All three are exact for the same routing (tested against a dense reference):
         grows with S·E·C).
     ``indices``: scatter token rows into an [E, G, C, D] capacity buffer by (expert, slot), gather back.
     ``grouped``: no capacity buffer; kept assignments sorted by expert and run through a grouped matmul
-        (``grouped_matmul.gmm``). Dropless routing uses no padding at all.
+        (``grouped_matmul.gmm``), or, with the ``core`` backend, laid out as one batched dot per
+        projection plus the overflow rows (``core_layout``). Dropless routing drops nothing.
 
 The two capacity dispatchers call ``experts_ECD(x_ECD) -> y_ECD`` on a buffer of R = G·C rows per expert;
 the grouped one calls ``experts_grouped(x_MD, group_sizes_E) -> y_MD``. The combine is done in float32.
@@ -18,11 +19,27 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moe_jax.moe import permute
+from moe_jax.moe import core_layout, grouped_matmul, permute
 from moe_jax.moe.routing import TOKEN_CHOICE, Routing
 from moe_jax.sharding import constrain
 
 DISPATCHERS = ("einsum", "indices", "grouped")
+
+# Backends of the grouped dispatcher: the core + overflow layout, or a grouped_matmul backend.
+GROUPED_BACKENDS = ("auto", "core") + tuple(b for b in grouped_matmul.BACKENDS if b != "auto")
+
+
+def resolve_grouped_backend(backend: str, dtype=jnp.float32) -> str:
+    """``auto``: the platform's grouped-matmul kernels where there are some (TPU, Hopper), else ``core``.
+
+    ``core`` beats the ``ladder`` wherever a batched dot is fast (CPU: 1.1-1.2x vs 1.6x a dense FFN,
+    ``benchmarks/RESULTS.md``); the ladder stays available by name.
+    """
+    if backend != "auto":
+        return backend
+    resolved = grouped_matmul.resolve_backend("auto", dtype)
+    return "core" if resolved == "ladder" else resolved
+
 
 # Dispatched buffers: experts over the expert mesh axis, groups over the remaining batch axes. The switch
 # from token-sharded x_GSD to expert-sharded x_EGCD is where GSPMD emits the all-to-all.
@@ -99,21 +116,41 @@ def dispatch_grouped(
     x_GSD: jax.Array,
     routing: Routing,
     num_experts: int,
-    experts_grouped: Callable[[jax.Array, jax.Array], jax.Array],
+    experts_grouped: Callable[[jax.Array, object], jax.Array],
+    *,
+    layout: str = "sorted",
 ) -> jax.Array:
-    """Sort kept assignments by expert, one grouped matmul per projection; returns y_GSD in float32."""
+    """Rows grouped by expert, one grouped matmul per projection; returns y_GSD in float32.
+
+    Args:
+        x_GSD: tokens.
+        routing: kept assignments.
+        num_experts: E.
+        experts_grouped: ``(x_MD, group_sizes_E) -> y_MD`` for ``layout="sorted"``, ``(x_RD, CoreLayout) ->
+            y_RD`` for ``layout="core"``.
+        layout: ``"sorted"`` (contiguous rows per expert) or ``"core"`` (``core_layout``).
+    """
     G, S, D = x_GSD.shape
     E = num_experts
     # Dropped assignments get the sentinel expert E: they sort last and fall outside every group.
     expert_M = jnp.where(routing.kept_GN, routing.expert_GN, E).reshape(-1)
     row_M = (routing.token_GN + S * jnp.arange(G, dtype=jnp.int32)[:, None]).reshape(-1)
-    order_M, group_sizes_E = permute.sort_by_expert(expert_M, E)  # the one stable argsort
-    inverse_M = permute.inverse_permutation(order_M)  # a scatter, not a second sort
-    x_MD = permute.gather_rows(x_GSD.reshape(G * S, D), row_M[order_M])  # backward: f32 scatter-add
-    y_MD = experts_grouped(x_MD, group_sizes_E)
-    # Back to assignment order by a gather (its backward gathers by order_M), then weight in float32.
-    y_ND = permute.permute_rows(y_MD, inverse_M, order_M).astype(jnp.float32)
-    y_ND = y_ND * routing.weight_GN.reshape(-1, 1)
+    x_TD = x_GSD.reshape(G * S, D)
+    if layout == "core":
+        plan, slot_M, valid_M = core_layout.plan(expert_M, E)
+        R = E * core_layout.core_capacity(expert_M.shape[0], E)
+        # Layout rows no assignment uses read token 0: finite values whose cotangent is exactly zero.
+        token_R = jnp.zeros((R,), jnp.int32).at[jnp.where(valid_M, slot_M, R)].set(row_M, mode="drop")
+        y_RD = experts_grouped(permute.gather_rows(x_TD, token_R), plan)
+        y_ND = jnp.where(valid_M[:, None], permute.gather_rows(y_RD, slot_M).astype(jnp.float32), 0)
+    else:
+        order_M, group_sizes_E = permute.sort_by_expert(expert_M, E)  # the one stable argsort
+        inverse_M = permute.inverse_permutation(order_M)  # a scatter, not a second sort
+        x_MD = permute.gather_rows(x_TD, row_M[order_M])  # backward: f32 scatter-add
+        y_MD = experts_grouped(x_MD, group_sizes_E)
+        # Back to assignment order by a gather (its backward gathers by order_M).
+        y_ND = permute.permute_rows(y_MD, inverse_M, order_M).astype(jnp.float32)
+    y_ND = y_ND * routing.weight_GN.reshape(-1, 1)  # weighted in float32
     return _combine_assignments(y_ND.reshape(G, -1, y_ND.shape[-1]), routing, S)
 
 

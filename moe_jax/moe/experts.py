@@ -7,7 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moe_jax.moe import grouped_matmul
+from moe_jax.moe import core_layout, grouped_matmul
 
 # name -> (elementwise function, gated?)
 ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], bool]] = {
@@ -46,26 +46,34 @@ def expert_ffn_ECD(
 
 def expert_ffn_grouped(
     x_MD: jax.Array,
-    group_sizes_E: jax.Array,
+    grouping,
     w_gate_EDF: jax.Array | None,
     w_up_EDF: jax.Array,
     w_down_EFD: jax.Array,
     activation: str,
     backend: str = "auto",
 ) -> jax.Array:
-    """Expert FFN on rows sorted by expert (``group_sizes_E`` rows each; rows past their sum give zero).
+    """Expert FFN on rows grouped by expert.
+
+    Args:
+        x_MD: rows sorted by expert (``grouping`` = ``group_sizes_E``; rows past their sum give zero), or,
+            with ``backend="core"``, rows in a ``core_layout`` (``grouping`` = its ``CoreLayout``).
+        grouping: ``group_sizes_E`` or a ``core_layout.CoreLayout``.
+        w_gate_EDF, w_up_EDF, w_down_EFD: expert weights (``w_gate_EDF`` None for ungated activations).
+        activation: a name in ``ACTIVATIONS``.
+        backend: ``"core"`` or a ``grouped_matmul`` backend.
 
     Gated activations fuse gate and up into one grouped matmul of width 2F.
     """
-    if w_gate_EDF is None:
-        up_MF = grouped_matmul.gmm(x_MD, w_up_EDF, group_sizes_E, backend=backend)
-        hidden_MF = ffn_hidden(None, up_MF, activation)
+    if backend == "core":
+        matmul = lambda x, w: core_layout.gmm(x, w, grouping)
     else:
-        F = w_up_EDF.shape[-1]
-        w_gate_up_ED2F = jnp.concatenate([w_gate_EDF, w_up_EDF], axis=-1)
-        gate_up_M2F = grouped_matmul.gmm(x_MD, w_gate_up_ED2F, group_sizes_E, backend=backend)
-        hidden_MF = ffn_hidden(gate_up_M2F[:, :F], gate_up_M2F[:, F:], activation)
-    return grouped_matmul.gmm(hidden_MF, w_down_EFD, group_sizes_E, backend=backend)
+        matmul = lambda x, w: grouped_matmul.gmm(x, w, grouping, backend=backend)
+    if w_gate_EDF is None:
+        return matmul(ffn_hidden(None, matmul(x_MD, w_up_EDF), activation), w_down_EFD)
+    F = w_up_EDF.shape[-1]
+    gate_up_M2F = matmul(x_MD, jnp.concatenate([w_gate_EDF, w_up_EDF], axis=-1))
+    return matmul(ffn_hidden(gate_up_M2F[:, :F], gate_up_M2F[:, F:], activation), w_down_EFD)
 
 
 def dense_ffn(

@@ -173,7 +173,7 @@ def _ladder_sizes(num_rows: int) -> tuple[int, tuple[int, ...]]:
     return min_rows, tuple(reversed(sizes))
 
 
-def _over_chunks(num_rows, size_g, offset, full_chunk, rest_chunk, carry):
+def over_chunks(num_rows, size_g, offset, full_chunk, rest_chunk, carry):
     """Covers rows ``[offset, offset + size_g)`` with static-shape chunks, largest first.
 
     ``full_chunk(carry, start, size)`` handles ``size`` rows from ``start``;
@@ -227,7 +227,7 @@ def _ladder_mm(lhs_MK, rhs, group_sizes_G, transpose_rhs):
                 out, jnp.where(keep, matmul(start, min_rows), old), start, 0
             )
 
-        return _over_chunks(M, group_sizes_G[g], starts_G[g], full_chunk, rest_chunk, out_MN)
+        return over_chunks(M, group_sizes_G[g], starts_G[g], full_chunk, rest_chunk, out_MN)
 
     return lax.fori_loop(0, rhs.shape[0], group_body, jnp.zeros((M, N), lhs_MK.dtype))
 
@@ -249,7 +249,7 @@ def _ladder_tmm(lhs_MK, dout_MN, group_sizes_G, num_groups):
         return lax.dot_general(x, dy, contract_rows, preferred_element_type=jnp.float32)
 
     def group_body(g, drhs_GKN):
-        acc_KN = _over_chunks(
+        acc_KN = over_chunks(
             M,
             group_sizes_G[g],
             starts_G[g],

@@ -13,7 +13,7 @@ from flax import nnx
 
 from moe_jax import sharding
 from moe_jax.moe import dispatch as dispatch_lib
-from moe_jax.moe import expert_parallel, grouped_matmul
+from moe_jax.moe import expert_parallel
 from moe_jax.moe import experts as experts_lib
 from moe_jax.moe import routing as routing_lib
 
@@ -67,7 +67,9 @@ class MoeLayer(nnx.Module):
         causal: the layer sits in a causal decoder; expert choice then raises unless
             ``allow_noncausal_routing`` (expert choice looks at later tokens of the group).
         allow_noncausal_routing: accept expert choice in a causal decoder anyway.
-        grouped_backend: backend of ``grouped_matmul.gmm`` for the grouped dispatcher.
+        grouped_backend: the grouped dispatcher's matmuls: ``core`` (the core + overflow layout,
+            ``core_layout.py``), a ``grouped_matmul.gmm`` backend, or ``auto`` (the platform's grouped
+            kernels on TPU / Hopper GPUs, ``core`` elsewhere).
         expert_parallel: ``gspmd`` (sharding constraints on the dispatched buffers; the compiler inserts
             the all-to-all) or ``shard_map`` (explicit ``all_to_all`` of capacity buffers over the
             ``expert`` mesh axis, see ``expert_parallel.py``; needs a mesh, ignores ``dispatch``).
@@ -125,10 +127,9 @@ class MoeLayer(nnx.Module):
         if dispatch not in DISPATCH_CHOICES:
             raise ValueError(f"dispatch={dispatch!r} is unknown; choose one of {DISPATCH_CHOICES}")
         experts_lib.check_activation(activation)
-        if grouped_backend not in grouped_matmul.BACKENDS:
-            raise ValueError(
-                f"grouped_backend={grouped_backend!r} is unknown; choose one of {grouped_matmul.BACKENDS}"
-            )
+        if grouped_backend not in dispatch_lib.GROUPED_BACKENDS:
+            choices = dispatch_lib.GROUPED_BACKENDS
+            raise ValueError(f"grouped_backend={grouped_backend!r} is unknown; choose one of {choices}")
         if expert_parallel not in EXPERT_PARALLEL_CHOICES:
             raise ValueError(
                 f"expert_parallel={expert_parallel!r} is unknown; choose one of {EXPERT_PARALLEL_CHOICES}"
@@ -308,15 +309,22 @@ class MoeLayer(nnx.Module):
             aux = routing.aux
             kind = self._dispatcher(capacity)
             if kind == "grouped":
+                backend = dispatch_lib.resolve_grouped_backend(self.grouped_backend, jnp.dtype(self.dtype))
                 experts_grouped = functools.partial(
                     experts_lib.expert_ffn_grouped,
                     w_gate_EDF=w_gate,
                     w_up_EDF=w_up,
                     w_down_EFD=w_down,
                     activation=self.activation,
-                    backend=self.grouped_backend,
+                    backend=backend,
                 )
-                y_GSD = dispatch_lib.dispatch_grouped(x_GSD, routing, self.num_experts, experts_grouped)
+                y_GSD = dispatch_lib.dispatch_grouped(
+                    x_GSD,
+                    routing,
+                    self.num_experts,
+                    experts_grouped,
+                    layout="core" if backend == "core" else "sorted",
+                )
             else:
                 fn = dispatch_lib.dispatch_einsum if kind == "einsum" else dispatch_lib.dispatch_indices
                 y_GSD = fn(x_GSD, routing, self.num_experts, buffer_capacity, experts_ECD)
