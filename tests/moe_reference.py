@@ -70,10 +70,15 @@ def reference_routing(
     capacity: int | None,
     normalize_gates: bool,
     batch_prioritized: bool = False,
+    token_major: bool = False,
     bias_E: np.ndarray | None = None,
     mask_GS: np.ndarray | None = None,
 ):
-    """Returns (gates [G, S, E] combine weights, RefRouting-like dict of metrics)."""
+    """Returns (gates [G, S, E] combine weights, RefRouting-like dict of metrics).
+
+    Token choice fills capacity k-major (every token's first choice, then second choices, ...) or, with
+    ``token_major`` (causal decoders), token by token with all K choices of a token together.
+    """
     G, S, E = logits_GSE.shape
     probs = _softmax(logits_GSE.astype(np.float64))
     scores = probs if bias_E is None else probs + bias_E
@@ -95,17 +100,19 @@ def reference_routing(
             else:
                 order = np.arange(S)
             fill = np.zeros(E, int)
-            for k in range(top_k):
-                for s in order:
-                    if not mask[g, s]:
-                        continue
-                    e = choice[s, k]
-                    counts[e] += 1
-                    valid_total += 1
-                    if capacity is None or fill[e] < capacity:
-                        fill[e] += 1
-                        combine[g, s, e] += gate[s, k]
-                        kept_total += 1
+            visits = [(s, k) for s in order for k in range(top_k)]
+            if not token_major:
+                visits = [(s, k) for k in range(top_k) for s in order]
+            for s, k in visits:
+                if not mask[g, s]:
+                    continue
+                e = choice[s, k]
+                counts[e] += 1
+                valid_total += 1
+                if capacity is None or fill[e] < capacity:
+                    fill[e] += 1
+                    combine[g, s, e] += gate[s, k]
+                    kept_total += 1
         else:
             c = min(capacity, S)
             for e in range(E):

@@ -55,6 +55,7 @@ def run_reference(layer, x, *, mask=None, capacity_factor="layer"):
         capacity=ref_capacity(layer, S, cf),
         normalize_gates=layer.normalize_gates,
         batch_prioritized=layer.batch_prioritized,
+        token_major=layer.causal and not layer.batch_prioritized,
     )
 
 
@@ -99,6 +100,26 @@ def test_other_grouped_backends_match_reference(backend, capacity_factor):
         rngs=nnx.Rngs(0),
     )
     check_layer_against_reference(layer, capacity_factor, "token_choice")
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "indices", "grouped"])
+def test_causal_layer_fills_capacity_token_by_token(dispatch):
+    """causal=True: capacity in position order (all K choices of a token first), against the reference."""
+    layer = MoeLayer(D, F, E, K, capacity_factor=1.0, dispatch=dispatch, causal=True, rngs=nnx.Rngs(0))
+    check_layer_against_reference(layer, 1.0, "token_choice")
+
+
+def test_causal_layer_output_does_not_depend_on_later_tokens():
+    """Changing tokens after position t leaves outputs up to t unchanged (k-major priority would not)."""
+    kw = dict(capacity_factor=0.75, rngs=nnx.Rngs(0))
+    x = make_inputs(3)
+    x_changed = x.at[:, L // 2 :].set(make_inputs(4)[:, L // 2 :])
+    causal = MoeLayer(D, F, E, K, causal=True, **kw)
+    y, y_changed = causal(x)[0], causal(x_changed)[0]
+    np.testing.assert_array_equal(y[:, : L // 2], y_changed[:, : L // 2])
+    # The same inputs leak the future through the k-major order of a non-causal layer: the test has teeth.
+    acausal = MoeLayer(D, F, E, K, **kw)
+    assert np.any(np.asarray(acausal(x)[0][:, : L // 2] != acausal(x_changed)[0][:, : L // 2]))
 
 
 def check_layer_against_reference(layer, capacity_factor, router):
@@ -186,7 +207,9 @@ def test_fine_grained_many_small_experts():
 
 
 def test_selection_bias_changes_selection_not_gates():
-    layer = MoeLayer(D, F, E, 1, normalize_gates=False, selection_bias=True, rngs=nnx.Rngs(9))
+    layer = MoeLayer(
+        D, F, E, 1, normalize_gates=False, selection_bias=True, selection_bias_rate=0.0, rngs=nnx.Rngs(9)
+    )
     layer.selection_bias[...] = jnp.array([0.0, 0.0, 0.0, 10.0])
     x = make_inputs(10)
     y, aux = layer(x)
@@ -195,6 +218,23 @@ def test_selection_bias_changes_selection_not_gates():
     assert_close(y, y_ref, F32_FWD_TOL)
     probs = ref._softmax(np.asarray(x, np.float64) @ ref.layer_params(layer)["router"])
     np.testing.assert_allclose(combine[..., 3], probs[..., 3], rtol=1e-12)  # gate = unbiased probability
+
+
+def test_selection_bias_updates_in_training_calls_only():
+    """Training: route with the old bias, then b += rate·sign(mean load − load); evaluation: unchanged."""
+    layer = MoeLayer(D, F, E, K, selection_bias=True, selection_bias_rate=0.01, rngs=nnx.Rngs(9))
+    layer.selection_bias[...] = jnp.array([0.0, 0.02, 0.0, -0.01])
+    x = make_inputs(10)
+    y_ref, metrics, _ = run_reference(layer, x)  # with the bias before the call
+    y, aux = layer(x, deterministic=False)
+    assert_close(y, y_ref, F32_FWD_TOL)
+    load = np.asarray(metrics["expert_load"])
+    expected = np.array([0.0, 0.02, 0.0, -0.01]) + 0.01 * np.sign(load.mean() - load)
+    assert_close(layer.selection_bias[...], expected, F32_FWD_TOL)
+    assert np.any(load != load.mean()), "the case must have an imbalance to correct"
+    before_eval = np.asarray(layer.selection_bias[...])
+    layer(x, deterministic=True)
+    np.testing.assert_array_equal(layer.selection_bias[...], before_eval)
 
 
 def test_bf16_compute_within_relative_tolerance():

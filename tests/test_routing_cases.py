@@ -113,6 +113,15 @@ def test_second_choices_come_after_all_first_choices():
     np.testing.assert_array_equal(r.kept_GN[0], [True, False, True, False])
 
 
+def test_token_major_priority_keeps_earlier_tokens_second_choices():
+    """The case above with position-first priority: token 0's second choice keeps expert 1's slot."""
+    logits = np.log(np.array([[[0.6, 0.4, 0.0], [0.3, 0.7, 0.0]]], np.float32) + 1e-9)
+    r = routing.route_token_choice(
+        jnp.asarray(logits), top_k=2, capacity=1, normalize_gates=True, token_major_priority=True
+    )
+    np.testing.assert_array_equal(r.kept_GN[0], [True, True, False, False])
+
+
 def test_expert_choice_hand_case():
     probs = np.array([[[0.7, 0.3], [0.4, 0.6], [0.9, 0.1]]])
     r = routing.route_expert_choice(jnp.asarray(np.log(probs), jnp.float32), capacity=1, top_k=1)
@@ -150,6 +159,7 @@ def test_update_selection_bias_rule():
         (dict(dispatch="megablocks"), "dispatch"),
         (dict(activation="tanh"), "activation"),
         (dict(router="expert_choice", causal=True), "causal"),
+        (dict(batch_prioritized=True, causal=True), "causal"),
         (dict(num_shared_experts=-1), "num_shared_experts"),
     ],
 )

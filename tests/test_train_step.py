@@ -29,9 +29,10 @@ SMOKE = ModelConfig(
 OPTIM = {"learning_rate": 3e-3, "warmup_steps": 2, "clip_norm": 1.0}
 # Obtained once by running test_golden_first_step below (CPU, float32, 'highest' matmul precision from
 # conftest) and printing metrics['loss'] and metrics['grad_norm']; a change means the model, its init, the
-# loss or the step changed.
-GOLDEN_LOSS = 4.7360702
-GOLDEN_GRAD_NORM = 1.8388323
+# loss or the step changed. Changed on purpose once: decoder MoE layers fill capacity token by token
+# (causal routing); with the old k-major order the same step gave 4.7360702 / 1.8388323.
+GOLDEN_LOSS = 4.7308707
+GOLDEN_GRAD_NORM = 1.8296771
 
 
 def _batch():

@@ -62,11 +62,17 @@ class MoeLayer(nnx.Module):
         capacity_multiple: round C up to a multiple of this (hardware-friendly buffer shapes).
         batch_prioritized: capacity priority by top-1 gate value instead of position (V-MoE BPR).
         jitter_noise: multiplicative uniform noise on the router input in training, x·U(1−ε, 1+ε).
-        selection_bias: keep a per-expert selection bias (aux-loss-free balancing, DeepSeek-V3); update it
-            with ``moe_jax.moe.update_selection_bias``.
-        causal: the layer sits in a causal decoder; expert choice then raises unless
-            ``allow_noncausal_routing`` (expert choice looks at later tokens of the group).
-        allow_noncausal_routing: accept expert choice in a causal decoder anyway.
+        selection_bias: keep a per-expert selection bias (aux-loss-free balancing, DeepSeek-V3). It is
+            added to the router probabilities for selection only (gates stay unbiased).
+        selection_bias_rate: with ``selection_bias``, every training call (``deterministic=False``)
+            updates the bias by ``update_selection_bias(bias, this call's expert_load, rate)`` after routing
+            with the old bias; 0 freezes it (then update it yourself). Training steps that merge the model
+            inside ``jax.grad`` must carry the new ``SelectionBias`` state out (``train/step.py`` does).
+        causal: the layer sits in a causal decoder. Token choice then fills capacity in position order
+            (all K choices of a token before the next token's), so no token's output depends on later
+            tokens; expert choice and batch-prioritized routing (both look at later tokens of the group)
+            raise unless ``allow_noncausal_routing``.
+        allow_noncausal_routing: accept expert choice / batch-prioritized routing in a causal decoder.
         grouped_backend: the grouped dispatcher's matmuls: ``core`` (the core + overflow layout,
             ``core_layout.py``), a ``grouped_matmul.gmm`` backend, or ``auto`` (the platform's grouped
             kernels on TPU / Hopper GPUs, ``core`` elsewhere).
@@ -101,6 +107,7 @@ class MoeLayer(nnx.Module):
         batch_prioritized: bool = False,
         jitter_noise: float = 0.0,
         selection_bias: bool = False,
+        selection_bias_rate: float = 1e-3,
         causal: bool = False,
         allow_noncausal_routing: bool = False,
         grouped_backend: str = "auto",
@@ -139,12 +146,19 @@ class MoeLayer(nnx.Module):
         if group_size is not None:
             _check_positive_int("group_size", group_size)
         _check_positive_int("capacity_multiple", capacity_multiple)
+        if not selection_bias_rate >= 0:
+            raise ValueError(f"selection_bias_rate={selection_bias_rate!r} must be >= 0")
         if not 0.0 <= jitter_noise < 1.0:
             raise ValueError(f"jitter_noise={jitter_noise!r} must be in [0, 1)")
         if router == routing_lib.EXPERT_CHOICE and causal and not allow_noncausal_routing:
             raise ValueError(
                 "router='expert_choice' in a causal decoder (causal=True) lets a token's output depend on "
                 "later tokens of its group; use router='token_choice', or pass allow_noncausal_routing=True"
+            )
+        if batch_prioritized and causal and not allow_noncausal_routing:
+            raise ValueError(
+                "batch_prioritized=True in a causal decoder (causal=True) ranks tokens by gates of later "
+                "tokens of the group; use batch_prioritized=False, or pass allow_noncausal_routing=True"
             )
 
         self.d_model, self.d_ff, self.num_experts, self.top_k = d_model, d_ff, num_experts, top_k
@@ -157,6 +171,7 @@ class MoeLayer(nnx.Module):
         self.group_size = group_size
         self.capacity_multiple = capacity_multiple
         self.batch_prioritized = batch_prioritized
+        self.causal = causal
         self.jitter_noise = jitter_noise
         self.grouped_backend = grouped_backend
         self.expert_parallel = expert_parallel
@@ -196,6 +211,7 @@ class MoeLayer(nnx.Module):
                 dense_init(rngs.params(), (Fs, D), param_dtype), ("mlp", "embed")
             )
         self.selection_bias = SelectionBias(jnp.zeros((E,), jnp.float32)) if selection_bias else None
+        self.selection_bias_rate = selection_bias_rate
         self.jitter_rngs = nnx.Rngs(jitter=rngs.params()) if jitter_noise > 0 else None
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -329,6 +345,11 @@ class MoeLayer(nnx.Module):
                 fn = dispatch_lib.dispatch_einsum if kind == "einsum" else dispatch_lib.dispatch_indices
                 y_GSD = fn(x_GSD, routing, self.num_experts, buffer_capacity, experts_ECD)
 
+        if self.selection_bias is not None and self.selection_bias_rate > 0 and not deterministic:
+            self.selection_bias[...] = routing_lib.update_selection_bias(
+                bias_E, jax.lax.stop_gradient(aux["expert_load"]), self.selection_bias_rate
+            )
+
         if self.num_shared_experts:
             cast = lambda p: None if p is None else p[...].astype(self.dtype)
             shared_TD = experts_lib.dense_ffn(
@@ -350,6 +371,7 @@ class MoeLayer(nnx.Module):
                 capacity=capacity,
                 normalize_gates=self.normalize_gates,
                 batch_prioritized=self.batch_prioritized,
+                token_major_priority=self.causal and not self.batch_prioritized,
                 selection_bias_E=bias_E,
                 mask_GS=mask_GS,
             )

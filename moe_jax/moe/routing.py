@@ -88,6 +88,7 @@ def route_token_choice(
     capacity: int | None,
     normalize_gates: bool,
     batch_prioritized: bool = False,
+    token_major_priority: bool = False,
     selection_bias_E: jax.Array | None = None,
     mask_GS: jax.Array | None = None,
 ) -> Routing:
@@ -100,6 +101,9 @@ def route_token_choice(
         normalize_gates: renormalise each token's K gates to sum to one (Mixtral); Switch (K=1) does not.
         batch_prioritized: capacity priority by the token's top-1 gate (descending) instead of position.
             In both cases all first choices come before all second choices, and so on.
+        token_major_priority: capacity priority by position first (all K choices of token 0, then token
+            1, ...). Causal decoders need it: with the k-major order a later token's first choice can take
+            the slot of an earlier token's second choice, so a token's output would depend on the future.
         selection_bias_E: per-expert bias added to the probabilities for *selection only* (aux-loss-free
             balancing); gates come from the unbiased probabilities.
         mask_GS: True for real tokens; padding is never routed and is left out of losses and metrics.
@@ -116,14 +120,17 @@ def route_token_choice(
         gates_GSK = gates_GSK / jnp.sum(gates_GSK, axis=-1, keepdims=True)
     mask_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
 
-    # Priority: k-major (all first choices first), then token order within each k.
+    # Priority: k-major (all first choices first), then token order within each k; or token-major.
     if batch_prioritized:
         top1_GS = jnp.max(probs_GSE, axis=-1)
         order_GS = jnp.argsort(-top1_GS, axis=-1, stable=True)
         token_rank_GS = inverse_permutation(order_GS)
     else:
         token_rank_GS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (G, S))
-    priority_GSK = jnp.arange(top_k, dtype=jnp.int32) * S + token_rank_GS[..., None]
+    if token_major_priority:
+        priority_GSK = token_rank_GS[..., None] * top_k + jnp.arange(top_k, dtype=jnp.int32)
+    else:
+        priority_GSK = jnp.arange(top_k, dtype=jnp.int32) * S + token_rank_GS[..., None]
     # Padding goes last so it never takes a slot from a real token.
     priority_GSK = priority_GSK + jnp.where(mask_GS, 0, S * top_k)[..., None]
 

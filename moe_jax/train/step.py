@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from moe_jax.moe.layer import SelectionBias
+
 TRAIN_KEYS = ("inputs", "targets")
 # Per-MoE-layer aux entries that are reported as metrics (the losses are reported as sums, too).
 _LAYER_METRICS = (
@@ -125,7 +127,7 @@ def train_step(
 
     def loss_fn(params):
         m = nnx.merge(model_def, params, rest)
-        return _model_loss(
+        loss, metrics = _model_loss(
             m,
             batch,
             label_smoothing=label_smoothing,
@@ -134,10 +136,13 @@ def train_step(
             dropout_key=dropout_key,
             deterministic=False,
         )
+        # MoE layers with a selection bias update it in the forward pass (aux-loss-free balancing).
+        return loss, (metrics, nnx.state(m, SelectionBias))
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (metrics, bias_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grad_norm = optax.global_norm(grads)
     optimizer.update(model, grads)
+    nnx.update(model, bias_state)
     new_state = nnx.state((model, optimizer))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
@@ -185,19 +190,20 @@ def classification_train_step(graphdef, state, batch, *, seed: int, lb_weight: f
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params):
-        logits_BQ, aux = nnx.merge(model_def, params, rest)(
-            batch["x"], dropout_key=dropout_key, deterministic=False
-        )
+        m = nnx.merge(model_def, params, rest)
+        logits_BQ, aux = m(batch["x"], dropout_key=dropout_key, deterministic=False)
         ones_B1 = jnp.ones(batch["y"].shape + (1,), jnp.float32)
         ce_sum, correct = cross_entropy(logits_BQ[:, None], batch["y"][:, None], ones_B1)
         n = batch["y"].shape[0]
         lb = sum((a["load_balancing_loss"] for a in aux.values()), jnp.zeros((), jnp.float32))
         z = sum((a["router_z_loss"] for a in aux.values()), jnp.zeros((), jnp.float32))
         loss = ce_sum / n + lb_weight * lb + z_weight * z
-        return loss, {"loss": loss, "ce_loss": ce_sum / n, "accuracy": correct / n}
+        metrics = {"loss": loss, "ce_loss": ce_sum / n, "accuracy": correct / n}
+        return loss, (metrics, nnx.state(m, SelectionBias))
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (metrics, bias_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     optimizer.update(model, grads)
+    nnx.update(model, bias_state)
     new_state = nnx.state((model, optimizer))
     finite = jnp.isfinite(loss) & jnp.isfinite(jax.tree.reduce(lambda a, g: a + jnp.sum(g * g), grads, 0.0))
     leaves, treedef = jax.tree.flatten(new_state)
