@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe_jax.moe import grouped_matmul  # noqa: E402
+from moe_jax.moe import core_layout, grouped_matmul  # noqa: E402
 
 # (name, M, K, N, G): rows = tokens × top-k.
 SHAPES = {
@@ -44,7 +44,7 @@ SHAPES = {
 
 def runnable_backends(platform: str) -> list[str]:
     """Backends worth timing here (megablox off TPU is Pallas interpret mode: correct, far too slow)."""
-    names = ["ladder", "xla"]
+    names = ["core", "ladder", "xla"]
     if platform == "tpu":
         names.append("megablox")
     if platform == "gpu":
@@ -91,6 +91,16 @@ def bench_shape(M, K, N, G, backends, dtype, repeats, seed=0):
     fns = {"dense": grad_fn(lambda x, w: x @ w)}
     args = {"dense": (x, w[0], dy)}
     for name in backends:
+        if name == "core":
+            # The core + overflow layout (what the layer's dispatcher uses on CPU): the same rows laid out
+            # by plan(); R = G * ceil(M / G) rows, rows no assignment uses get zero cotangent.
+            plan, rows_M, _ = core_layout.plan(jnp.repeat(jnp.arange(G), sizes, total_repeat_length=M), G)
+            R = plan.hole_rows_R.shape[0]
+            x_R = jnp.zeros((R, K), dtype).at[rows_M].set(x)
+            dy_R = jnp.zeros((R, N), dtype).at[rows_M].set(dy)
+            fns[name] = grad_fn(lambda x, w, plan=plan: core_layout.gmm(x, w, plan))
+            args[name] = (x_R, w, dy_R)
+            continue
         fn = grad_fn(lambda x, w, name=name: grouped_matmul.gmm(x, w, sizes, backend=name))
         try:
             jax.block_until_ready(fn(x, w, dy))
@@ -164,7 +174,8 @@ def main():
         f"jax {jax.__version__} · {platform} · {jax.devices()[0].device_kind} · {dtype.name} · "
         f"auto={grouped_matmul.resolve_backend('auto', dtype)} · median of {args.repeats}"
     )
-    if not args.no_check and not check_backends(backends, dtype):
+    # "core" is not a gmm() backend (its own layout); tests/test_core_layout.py checks it against float64.
+    if not args.no_check and not check_backends([b for b in backends if b != "core"], dtype):
         print("correctness check failed; timings below are of wrong results")
     print(f"{'shape':26} {'M':>6} {'K':>6} {'N':>6} {'G':>3}  {'backend':>10} {'ms':>9} {'÷dense':>7}")
     for name, M, K, N, G in SHAPES[preset]:
