@@ -35,6 +35,7 @@ def test_variant_loads_and_builds_abstractly(module, variant):
     assert config.task in vision_loop.TASKS
     for needle in ("python -m moe_jax.main --config=configs/", "Hardware", "Expected"):
         assert needle in module.__doc__
+    vision_loop.check_group_sizes(config)  # routing groups divide the train and eval batches' tokens
     model = nnx.eval_shape(lambda: vision_loop.build_model(config, vocab_size=40))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert n_params > 0
@@ -47,6 +48,24 @@ def test_bad_model_config_names_the_section():
     config.model.patch_size = 3
     with pytest.raises(ConfigError, match="config.model: image_size=8 is not divisible by patch_size=3"):
         vision_loop.build_model(config)
+
+
+def test_group_size_that_does_not_divide_the_batch_names_the_fields():
+    config = VLM.get_config("smoke")
+    config.model.vision.group_size = 48  # a batch of 8 images has 8 x 16 = 128 patches
+    with pytest.raises(
+        ConfigError,
+        match=r"config.model.vision.group_size=48 must divide the 128 tokens .*train.batch_size=8",
+    ):
+        vision_loop.validate_config(config)
+    config = VLM.get_config("smoke")
+    config.model.group_size = 40  # decoder: 16 patches + 16 text tokens per example
+    with pytest.raises(ConfigError, match=r"config.model.group_size=40 .*x 32 image \+ text tokens"):
+        vision_loop.validate_config(config)
+    config = IC.get_config("default")
+    config.eval.batch_size = 104  # 1,664 patches: not a multiple of the 256-token groups
+    with pytest.raises(ConfigError, match=r"config.model.group_size=256 .*eval.batch_size=104"):
+        vision_loop.validate_config(config)
 
 
 def _fast(config, tmp_path, steps=1):

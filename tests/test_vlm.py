@@ -193,3 +193,31 @@ def test_vqa_exact_match_and_bleu():
     assert vision_tasks.caption_bleu(
         ["a small red square left of a big blue circle"], ["a small red square left of a big blue circle"]
     ) == pytest.approx(100.0)
+
+
+def test_bad_inputs_name_the_field(model):
+    with pytest.raises(ValueError, match="image is 16x16 .*image_size=8"):
+        model(jnp.zeros((2, 16, 16, 3)), TEXT)
+    with pytest.raises(ValueError, match="image has 1 channels .*channels=3"):
+        model(jnp.zeros((2, 8, 8, 1)), TEXT)
+    with pytest.raises(ValueError, match="text is empty"):
+        model(_images(0), TEXT[:, :0])
+    with pytest.raises(ValueError, match="image_size=10 is not divisible by patch_size=4"):
+        _cfg(vision=dataclasses.replace(VISION, image_size=10))
+
+
+def test_vision_group_size_reaches_the_tower_and_pools_capacity_over_images():
+    """``vision.group_size`` spans images: with tight capacity, one image's tokens change another's output."""
+    vision = dataclasses.replace(VISION, capacity_factor=0.5, eval_capacity_factor=0.5, moe_layers=(1,))
+    prefix = {}
+    for group in (None, 2 * P):
+        m = VisionLanguageModel(_cfg(vision=dataclasses.replace(vision, group_size=group)), rngs=nnx.Rngs(0))
+        assert m.vision.layers[1].ffn.group_size == group
+        images = _images(3)
+        other = images.at[1].set(-images[1])  # change image 1 only
+        prefix[group] = [np.asarray(m.encode_image(x)[0][0]) for x in (images, other)]
+    # One group per image: image 0's tokens never see image 1's routing.
+    np.testing.assert_array_equal(prefix[None][0], prefix[None][1])
+    # A group of both images: image 1's tokens compete for the same capacity (the priority order of
+    # batch-prioritized routing mixes them), so image 0's output moves.
+    assert not np.allclose(prefix[2 * P][0], prefix[2 * P][1], atol=1e-6)

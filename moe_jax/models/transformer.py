@@ -26,8 +26,34 @@ from moe_jax.moe import MoeLayer
 _ACT_BLD = ("act_batch", "act_length", "act_embed")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoeFields:
+    """The MoE-layer fields every model config shares (:class:`ModelConfig`, ``ViTConfig``, ``VLMConfig``).
+
+    Keyword-only, so a subclass's own fields keep their positional order (``ModelConfig(vocab_size, ...)``
+    still works); ``dataclasses.fields`` and ``asdict`` list these ten first.
+
+    Attributes:
+        num_experts, top_k, moe_d_ff, router, capacity_factor, eval_capacity_factor, dispatch,
+            num_shared_experts, group_size, jitter_noise: passed to :class:`~moe_jax.moe.MoeLayer`
+            (``moe_d_ff`` defaults to the config's ``d_ff``; ``group_size=None`` routes each sequence, or
+            image, as its own group).
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    moe_d_ff: int | None = None
+    router: str = "token_choice"
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None | str = "same"
+    dispatch: str = "auto"
+    num_shared_experts: int = 0
+    group_size: int | None = None
+    jitter_noise: float = 0.0
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(MoeFields):
     """Architecture of the Transformer family (all fields are static Python values).
 
     Attributes:
@@ -37,8 +63,7 @@ class ModelConfig:
         moe_every, moe_offset: layer i (0-based, per stack) is MoE when ``moe_every > 0`` and
             ``i % moe_every == moe_offset``; the default (2, 1) makes every other layer MoE.
         num_experts, top_k, moe_d_ff, router, capacity_factor, eval_capacity_factor, dispatch,
-            num_shared_experts, group_size, jitter_noise: passed to :class:`~moe_jax.moe.MoeLayer`
-            (``moe_d_ff`` defaults to ``d_ff``).
+            num_shared_experts, group_size, jitter_noise: keyword-only, from :class:`MoeFields`.
         activation: FFN activation, dense and experts alike.
         norm: ``rmsnorm`` or ``layernorm`` (pre-norm, plus a final norm per stack).
         positions: ``rope`` (self-attention queries/keys) or ``learned`` (absolute, ``max_len`` rows).
@@ -57,16 +82,6 @@ class ModelConfig:
     num_decoder_layers: int = 4
     moe_every: int = 2
     moe_offset: int = 1
-    num_experts: int = 8
-    top_k: int = 2
-    moe_d_ff: int | None = None
-    router: str = "token_choice"
-    capacity_factor: float | None = 1.25
-    eval_capacity_factor: float | None | str = "same"
-    dispatch: str = "auto"
-    num_shared_experts: int = 0
-    group_size: int | None = None
-    jitter_noise: float = 0.0
     activation: str = "swiglu"
     norm: str = "rmsnorm"
     positions: str = "rope"

@@ -28,13 +28,14 @@ from flax import nnx
 
 from moe_jax import sharding
 from moe_jax.models.layers import Embed, Norm
+from moe_jax.models.transformer import MoeFields
 from moe_jax.models.vit import Block, ViTConfig, ViTEncoder, moe_kwargs_of
 
 _ACT_BLD = ("act_batch", "act_length", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
-class VLMConfig:
+class VLMConfig(MoeFields):
     """Architecture of the VLM (static values).
 
     Attributes:
@@ -44,9 +45,11 @@ class VLMConfig:
         moe_every, moe_offset: decoder block i is MoE when ``moe_every > 0`` and ``i % moe_every ==
             moe_offset``; ``moe_every=0`` gives a dense decoder.
         num_experts, top_k, moe_d_ff, router, capacity_factor, eval_capacity_factor, dispatch, group_size,
-            jitter_noise, num_shared_experts: the decoder's MoE layers, built with ``causal=True``.
-            Batch-prioritized routing is not offered here: ranking by gate value lets a later token take a
-            capacity slot from an earlier one, so a token's output would depend on the future.
+            jitter_noise, num_shared_experts: the decoder's MoE layers (keyword-only, from
+            :class:`~moe_jax.models.transformer.MoeFields`), built with ``causal=True``. ``group_size=None``
+            (one routing group per sequence) keeps a caption's routing independent of the rest of the
+            batch. Batch-prioritized routing is not offered here: ranking by gate value lets a later token
+            take a capacity slot from an earlier one, so a token's output would depend on the future.
         activation, norm: decoder FFN activation and norm.
         dtype, param_dtype: compute and parameter dtypes.
     """
@@ -59,16 +62,6 @@ class VLMConfig:
     num_layers: int = 4
     moe_every: int = 2
     moe_offset: int = 1
-    num_experts: int = 8
-    top_k: int = 2
-    moe_d_ff: int | None = None
-    router: str = "token_choice"
-    capacity_factor: float | None = 1.25
-    eval_capacity_factor: float | None | str = "same"
-    dispatch: str = "auto"
-    group_size: int | None = None
-    jitter_noise: float = 0.0
-    num_shared_experts: int = 0
     activation: str = "swiglu"
     norm: str = "rmsnorm"
     dtype: Any = "float32"
@@ -205,13 +198,15 @@ class VisionLanguageModel(nnx.Module):
 
         Raises:
             ValueError: image shape or channels do not match the vision config (names the field ``image``),
-                or ``text`` is not ``[batch, length]`` with the image batch size.
+                or ``text`` is not ``[batch, length]`` with the image batch size, or is empty (length 0).
         """
         if text_BT.ndim != 2 or text_BT.shape[0] != images_BHWC.shape[0]:
             raise ValueError(
                 f"text must have shape [batch, length] with the image batch {images_BHWC.shape[0]}; got "
                 f"shape {text_BT.shape}"
             )
+        if text_BT.shape[1] == 0:
+            raise ValueError("text is empty (length 0); pass at least the BOS token of every example")
         prefix_BPD, vision_aux = self.encode_image(images_BHWC, deterministic=deterministic)
         logits_BTV, aux = self.decode_text(
             prefix_BPD,

@@ -16,9 +16,7 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -91,25 +89,35 @@ def validate_config(config):
                 f"config.{field}={bs} must be a positive multiple of the {dp} data-parallel "
                 f"devices; set --config.{field}={max(dp, bs // dp * dp or dp)}"
             )
+    check_group_sizes(config)
     return mesh, rules
 
 
-def _train_step(graphdef, state, batch, *, loss_fn, schedule):
-    model, optimizer = nnx.merge(graphdef, state)
-    step = optimizer.step[...]
-    model_def, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def f(p):
-        return loss_fn(nnx.merge(model_def, p, rest), batch, deterministic=False)
-
-    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
-    grad_norm = optax.global_norm(grads)
-    optimizer.update(model, grads)
-    new_state = nnx.state((model, optimizer))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics.update(grad_norm=grad_norm, finite=finite, learning_rate=schedule(step))
-    return new_state, metrics
+def check_group_sizes(config) -> None:
+    """Fails fast when an MoE ``group_size`` does not divide a batch's tokens (else the first step fails)."""
+    m = config.model
+    vision = m if config.task == "image_classification" else m.vision
+    if vision.image_size % vision.patch_size:
+        return  # build_model reports it, naming both fields
+    patches = (vision.image_size // vision.patch_size) ** 2
+    prefix = "model" if config.task == "image_classification" else "model.vision"
+    checks = [(f"{prefix}.group_size", vision.get("group_size"), patches, "patches")]
+    if config.task == "vlm":
+        text = int(config.data.max_text_len)
+        checks.append(("model.group_size", m.get("group_size"), patches + text, "image + text tokens"))
+    for field, group, per_example, what in checks:
+        if group is None:
+            continue
+        for batch_field, bs in (
+            ("train.batch_size", config.train.batch_size),
+            ("eval.batch_size", config.eval.batch_size),
+        ):
+            if (bs * per_example) % group:
+                raise ConfigError(
+                    f"config.{field}={group} must divide the {bs * per_example} tokens of a batch "
+                    f"(config.{batch_field}={bs} x {per_example} {what}); pick a divisor (whole examples: a "
+                    f"multiple of {per_example}), or None for one routing group per example"
+                )
 
 
 class VisionRun:
@@ -129,7 +137,7 @@ class VisionRun:
         )
         self.train_keys = ("image", "text", "targets", "weights") if self.is_vlm else ("image", "label")
         self.train_fn = jax.jit(
-            functools.partial(_train_step, graphdef, loss_fn=loss_fn, schedule=schedule),
+            functools.partial(tasks.train_step, graphdef, loss_fn=loss_fn, schedule=schedule),
             in_shardings=(state_sh, self.batch_sh),
             out_shardings=(state_sh, None),
             donate_argnums=0,

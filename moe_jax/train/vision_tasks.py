@@ -3,7 +3,8 @@
 Every loss returns ``(loss, metrics)`` where ``loss = task loss + lb_weight·Σ load_balancing_loss +
 z_weight·Σ router_z_loss`` over all MoE layers (vision and decoder alike), as in ``train/step.py``.
 Metrics carry per-layer routing entries ``moe/<layer>/<metric>``; VLM decoder layers add the modality split
-``expert_load_image`` / ``expert_load_text``.
+``expert_load_image`` / ``expert_load_text``. :func:`train_step` is the pure update both the vision trainer
+(``train/vision_loop.py``) and the quick API's image classifier (``moe_jax/api/vision.py``) jit.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 from moe_jax.train.step import cross_entropy
 
@@ -157,6 +160,38 @@ def greedy_decode_vlm(
 
     init = (jnp.int32(0), prompt_BT.astype(jnp.int32), jnp.zeros((B, T), jnp.int32), jnp.zeros((B,), bool))
     return jax.lax.while_loop(cond, body, init)[2]
+
+
+def train_step(graphdef, state, batch, *, loss_fn, schedule):
+    """One optimizer update of ``nnx.merge(graphdef, state) = (model, optimizer)`` on ``batch``.
+
+    Args:
+        graphdef, state: the split ``(model, optimizer)`` pair (``step.create_train_state``).
+        batch: what ``loss_fn`` reads.
+        loss_fn: ``loss_fn(model, batch, deterministic=False) -> (loss, metrics)``, e.g.
+            :func:`classification_loss` or :func:`vlm_loss` with their weights bound.
+        schedule: the learning-rate schedule (reported as ``learning_rate``).
+
+    Returns:
+        ``(new_state, metrics)``; metrics gain ``grad_norm``, ``finite`` and ``learning_rate``. A non-finite
+        loss or gradient leaves the state unchanged (``finite`` is False), so the caller decides whether to
+        stop or skip.
+    """
+    model, optimizer = nnx.merge(graphdef, state)
+    step = optimizer.step[...]
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def f(p):
+        return loss_fn(nnx.merge(model_def, p, rest), batch, deterministic=False)
+
+    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+    grad_norm = optax.global_norm(grads)
+    optimizer.update(model, grads)
+    new_state = nnx.state((model, optimizer))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics.update(grad_norm=grad_norm, finite=finite, learning_rate=schedule(step))
+    return new_state, metrics
 
 
 def normalize_answer(text: str) -> str:

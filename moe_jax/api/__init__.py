@@ -1,0 +1,22 @@
+"""The quick API: ``SparseMoeModel`` trains sparse Mixture-of-Experts Transformers on in-memory data.
+
+Three model families sit behind one class, one module each:
+
+* Sequence-to-sequence (``task='translation' | 'summarization' | 'seq2seq'``, :mod:`moe_jax.api.seq2seq`):
+  lists of input and target strings; the project's encoder-decoder, trained by the trainer's own step and
+  decoded greedily.
+* Feature classification (``task='classification'``, :mod:`moe_jax.api.features`): NumPy features
+  ``[N, F]`` or ``[N, L, F]`` and labels ``[N]``, through a
+  :class:`~moe_jax.models.feature_classifier.FeatureClassifier`.
+* Image classification (``task='image_classification'``, :mod:`moe_jax.api.vision`): NumPy images
+  ``[N, H, W, C]`` (uint8 or float) and labels ``[N]``, through the V-MoE
+  :class:`~moe_jax.models.vit.ViTClassifier` and the vision trainer's step.
+
+All run on one device (no mesh); everything else (mesh, checkpoints, logging) is the job of
+``python -m moe_jax.main``. Unless overridden, every Transformer block's FFN is an MoE layer.
+"""
+
+from moe_jax.api.model import TASKS, SparseMoeModel
+from moe_jax.models.feature_classifier import FeatureClassifier
+
+__all__ = ["FeatureClassifier", "SparseMoeModel", "TASKS"]
