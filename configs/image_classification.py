@@ -70,6 +70,10 @@ def get_config(variant: str = "default"):
     # batch-prioritized routing ranks patches of different images against each other.
     c.model.group_size = ml_collections.FieldReference(256, field_type=int)
     c.model.jitter_noise = 0.0
+    c.model.selection_bias = False  # aux-loss-free balancing (DeepSeek-V3), updated every training step
+    c.model.selection_bias_rate = 1e-3
+    c.model.grouped_backend = "auto"  # dropless matmuls: core (CPU/GPU), megablox (TPU), mosaic_gpu (H200)
+    c.model.expert_parallel = "gspmd"  # or "shard_map" (explicit all_to_all over the expert mesh axis)
     c.model.num_shared_experts = 0
     c.model.activation = "gelu"
     c.model.norm = "layernorm"

@@ -1,5 +1,6 @@
 """Pure train/eval steps: golden first-step loss, sharded == unsharded, non-finite skip, losses."""
 
+import dataclasses
 import functools
 
 import jax
@@ -12,6 +13,7 @@ from jax.sharding import NamedSharding
 
 from moe_jax import sharding
 from moe_jax.models import ModelConfig, Seq2SeqTransformer
+from moe_jax.moe.layer import SelectionBias
 from moe_jax.train import optim
 from moe_jax.train import step as step_lib
 
@@ -120,3 +122,21 @@ def test_schedules_and_accumulation():
     assert isinstance(tx, optax.MultiSteps)
     with pytest.raises(ValueError, match="optim.name"):
         optim.make_optimizer({"learning_rate": 1.0, "name": "sgdx"}, 10)
+
+
+def test_selection_bias_is_updated_by_the_train_step():
+    """selection_bias=True: each MoE layer's bias moves by rate·sign(mean load − load) of that step."""
+    cfg = dataclasses.replace(SMOKE, selection_bias=True, selection_bias_rate=0.01)
+    model = Seq2SeqTransformer(cfg, rngs=nnx.Rngs(params=0))
+    tx, schedule = optim.make_optimizer(OPTIM, 10)
+    graphdef, state = step_lib.create_train_state(model, tx)
+    step = jax.jit(functools.partial(step_lib.train_step, graphdef, schedule=schedule, seed=0))
+    new_state, metrics = step(state, _batch())
+    new_model, _ = nnx.merge(graphdef, new_state)
+    biases = [np.asarray(v[...]) for _, v in nnx.iter_graph(new_model) if isinstance(v, SelectionBias)]
+    loads = [np.asarray(v) for k, v in metrics.items() if k.endswith("/expert_load")]
+    assert len(biases) == len(loads) == 2  # one MoE layer per stack
+    expected = [0.01 * np.sign(load.mean() - load) for load in loads]
+    assert any(np.any(e != 0) for e in expected)
+    for bias in biases:
+        assert any(np.allclose(bias, e, atol=1e-7) for e in expected), (bias, expected)

@@ -31,13 +31,15 @@ class MoeFields:
     """The MoE-layer fields every model config shares (:class:`ModelConfig`, ``ViTConfig``, ``VLMConfig``).
 
     Keyword-only, so a subclass's own fields keep their positional order (``ModelConfig(vocab_size, ...)``
-    still works); ``dataclasses.fields`` and ``asdict`` list these ten first.
+    still works); ``dataclasses.fields`` and ``asdict`` list these first.
 
     Attributes:
         num_experts, top_k, moe_d_ff, router, capacity_factor, eval_capacity_factor, dispatch,
-            num_shared_experts, group_size, jitter_noise: passed to :class:`~moe_jax.moe.MoeLayer`
-            (``moe_d_ff`` defaults to the config's ``d_ff``; ``group_size=None`` routes each sequence, or
-            image, as its own group).
+            num_shared_experts, group_size, jitter_noise, selection_bias, selection_bias_rate,
+            grouped_backend, expert_parallel: passed to :class:`~moe_jax.moe.MoeLayer` (``moe_d_ff``
+            defaults to the config's ``d_ff``; ``group_size=None`` routes each sequence, or image, as its own
+            group; ``selection_bias`` turns on aux-loss-free balancing, updated every training step;
+            ``expert_parallel="shard_map"`` needs an ``expert`` mesh axis).
     """
 
     num_experts: int = 8
@@ -50,6 +52,10 @@ class MoeFields:
     num_shared_experts: int = 0
     group_size: int | None = None
     jitter_noise: float = 0.0
+    selection_bias: bool = False
+    selection_bias_rate: float = 1e-3
+    grouped_backend: str = "auto"
+    expert_parallel: str = "gspmd"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +69,8 @@ class ModelConfig(MoeFields):
         moe_every, moe_offset: layer i (0-based, per stack) is MoE when ``moe_every > 0`` and
             ``i % moe_every == moe_offset``; the default (2, 1) makes every other layer MoE.
         num_experts, top_k, moe_d_ff, router, capacity_factor, eval_capacity_factor, dispatch,
-            num_shared_experts, group_size, jitter_noise: keyword-only, from :class:`MoeFields`.
+            num_shared_experts, group_size, jitter_noise, selection_bias, selection_bias_rate,
+            grouped_backend, expert_parallel: keyword-only, from :class:`MoeFields`.
         activation: FFN activation, dense and experts alike.
         norm: ``rmsnorm`` or ``layernorm`` (pre-norm, plus a final norm per stack).
         positions: ``rope`` (self-attention queries/keys) or ``learned`` (absolute, ``max_len`` rows).
@@ -136,6 +143,10 @@ class Block(nnx.Module):
                 num_shared_experts=cfg.num_shared_experts,
                 group_size=cfg.group_size,
                 jitter_noise=cfg.jitter_noise,
+                selection_bias=cfg.selection_bias,
+                selection_bias_rate=cfg.selection_bias_rate,
+                grouped_backend=cfg.grouped_backend,
+                expert_parallel=cfg.expert_parallel,
                 causal=causal,
                 **dt,
                 rngs=rngs,

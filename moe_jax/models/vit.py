@@ -283,6 +283,10 @@ def moe_kwargs_of(cfg: Any, *, causal: bool = False) -> dict:
         group_size=cfg.group_size,
         jitter_noise=cfg.jitter_noise,
         num_shared_experts=cfg.num_shared_experts,
+        selection_bias=cfg.selection_bias,
+        selection_bias_rate=cfg.selection_bias_rate,
+        grouped_backend=cfg.grouped_backend,
+        expert_parallel=cfg.expert_parallel,
         causal=causal,
     )
 

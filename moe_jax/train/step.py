@@ -126,7 +126,7 @@ def train_step(
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params):
-        m = nnx.merge(model_def, params, rest)
+        m = nnx.merge(model_def, params, rest, copy=True)  # fresh Variables: the forward may set some
         loss, metrics = _model_loss(
             m,
             batch,
@@ -190,7 +190,7 @@ def classification_train_step(graphdef, state, batch, *, seed: int, lb_weight: f
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params):
-        m = nnx.merge(model_def, params, rest)
+        m = nnx.merge(model_def, params, rest, copy=True)  # fresh Variables: the forward may set some
         logits_BQ, aux = m(batch["x"], dropout_key=dropout_key, deterministic=False)
         ones_B1 = jnp.ones(batch["y"].shape + (1,), jnp.float32)
         ce_sum, correct = cross_entropy(logits_BQ[:, None], batch["y"][:, None], ones_B1)

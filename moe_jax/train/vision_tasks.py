@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from moe_jax.moe.layer import SelectionBias
 from moe_jax.train.step import cross_entropy
 
 LAYER_METRICS = (
@@ -182,11 +183,15 @@ def train_step(graphdef, state, batch, *, loss_fn, schedule):
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
     def f(p):
-        return loss_fn(nnx.merge(model_def, p, rest), batch, deterministic=False)
+        m = nnx.merge(model_def, p, rest, copy=True)  # fresh Variables: the forward may set some
+        loss, metrics = loss_fn(m, batch, deterministic=False)
+        # MoE layers with a selection bias update it in the forward pass (aux-loss-free balancing).
+        return loss, (metrics, nnx.state(m, SelectionBias))
 
-    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+    (loss, (metrics, bias_state)), grads = jax.value_and_grad(f, has_aux=True)(params)
     grad_norm = optax.global_norm(grads)
     optimizer.update(model, grads)
+    nnx.update(model, bias_state)
     new_state = nnx.state((model, optimizer))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
