@@ -8,7 +8,8 @@ Times forward+backward, in one process on the same inputs, of:
     layer      the whole dropless MoeLayer (dispatch="grouped", grouped_backend=auto);
     routing    router matmul + softmax/top-K routing + aux statistics only;
     permute    sort, gather of token rows, un-permute and weighted combine, with identity experts;
-    kernels    the expert FFN on pre-sorted rows only (fused gate+up and down grouped matmuls).
+    kernels    the expert FFN on pre-laid-out rows only (gate, up and down grouped matmuls of the backend
+               ``auto`` resolves to: the core + overflow layout on CPU).
 Imports only jax/flax/numpy.
 """
 
@@ -25,7 +26,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_moe_layer import PRESETS, dense_case, measure, moe_case  # noqa: E402
-from moe_jax.moe import dispatch, experts, routing  # noqa: E402
+from moe_jax.moe import core_layout, dispatch, experts, routing  # noqa: E402
 from moe_jax.moe.layer import MoeLayer  # noqa: E402
 
 
@@ -62,10 +63,12 @@ def main(argv=None) -> int:
     rows["routing"] = measure(jax.jit(jax.grad(routing_loss, argnums=(0, 1))), (router, x), args.repeats)
 
     fixed = jax.jit(route)(router, x)
+    backend = dispatch.resolve_grouped_backend("auto", dtype)
+    layout = "core" if backend == "core" else "sorted"
 
     def permute_loss(x, weight_GN):
         r = fixed.replace(weight_GN=weight_GN)
-        y = dispatch.dispatch_grouped(x, r, E, lambda x_MD, sizes: x_MD)
+        y = dispatch.dispatch_grouped(x, r, E, lambda x_MD, grouping: x_MD, layout=layout)
         return jnp.sum(y**2)
 
     rows["permute"] = measure(
@@ -73,18 +76,22 @@ def main(argv=None) -> int:
     )
 
     expert_M = fixed.expert_GN.reshape(-1)
-    sizes_E = jnp.bincount(expert_M, length=E).astype(jnp.int32)
     x_MD = jnp.repeat(x.reshape(-1, D), K, axis=0)  # T·K rows, as after the gather
+    if layout == "core":
+        grouping, rows_M, _ = core_layout.plan(expert_M, E)
+        x_MD = jnp.zeros((grouping.hole_rows_R.shape[0], D), x.dtype).at[rows_M].set(x_MD)
+    else:
+        grouping = jnp.bincount(expert_M, length=E).astype(jnp.int32)
 
     def kernels_loss(w, x_MD):
-        y = experts.expert_ffn_grouped(x_MD, sizes_E, *w, "swiglu")
+        y = experts.expert_ffn_grouped(x_MD, grouping, *w, "swiglu", backend=backend)
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
     rows["kernels"] = measure(jax.jit(jax.grad(kernels_loss, argnums=(0, 1))), (w, x_MD), args.repeats)
 
     dense_ms = rows["dense"][0]
     print(
-        f"\npreset={args.preset} T={B * L} D={D} F={F} E={E} K={K} {jnp.dtype(dtype).name}"
+        f"\npreset={args.preset} T={B * L} D={D} F={F} E={E} K={K} {jnp.dtype(dtype).name} backend={backend}"
         f" device={jax.devices()[0].device_kind} jax={jax.__version__}"
     )
     print(f"| {'part':8s} | {'ms':>8s} | {'x dense':>7s} | {'share of layer':>14s} | {'temp MiB':>9s} |")
