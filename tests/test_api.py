@@ -144,6 +144,7 @@ def test_train_errors_name_the_argument():
         s2s.predict(["a"])
 
 
+@pytest.mark.slow  # ~40 s (trains two small models); CI runs it in the slow set
 def test_docstring_example_runs():
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)

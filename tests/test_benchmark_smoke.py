@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from benchmarks import bench_moe_layer
 
 
+@pytest.mark.slow  # ~30 s of compiles; CI runs it in the slow set
 def test_bench_moe_layer_tiny_writes_rows(tmp_path):
     out = tmp_path / "tiny.json"
     assert bench_moe_layer.main(["--preset", "tiny", "--repeats", "1", "--json", str(out)]) == 0

@@ -87,7 +87,7 @@ def test_forward_and_gradients_match_reference(router, dispatch, capacity_factor
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
-@pytest.mark.parametrize("backend", ["ladder", "xla"])
+@pytest.mark.parametrize("backend", ["ladder", pytest.param("xla", marks=pytest.mark.slow)])
 def test_other_grouped_backends_match_reference(backend, capacity_factor):
     layer = MoeLayer(
         D,

@@ -72,8 +72,9 @@ def shrink(c, data_dir, *, decode):
     "name,variant,source,decode",
     [
         ("translation", "wmt14_de_en", "wmt14_translate/de-en", True),
-        ("summarization", "cnn_dailymail", "cnn_dailymail", False),
-        ("summarization", "xsum", "xsum", False),
+        # The summarization variants share the code path; they run in CI's slow set (default suite time).
+        pytest.param("summarization", "cnn_dailymail", "cnn_dailymail", False, marks=pytest.mark.slow),
+        pytest.param("summarization", "xsum", "xsum", False, marks=pytest.mark.slow),
     ],
 )
 def test_real_data_variant_trains_one_step_on_mock_data(name, variant, source, decode, tmp_path):
