@@ -26,8 +26,18 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",
 ]
 
+# The TPU compiler (libtpu) for planning TPU pods from a CPU host (experiments/compare_sharding.py
+# --topology). Deliberately no version of its own: `jax[tpu]` names the libtpu built for whichever jax
+# resolves (jax 0.10.2 -> libtpu 0.0.42.*), and an installed jax already satisfies ">=0.10", so this extra
+# adds libtpu without moving jax. Pinning `jax[tpu]==X` here would drag every environment to jax X.
+# libtpu wheels exist for Linux x86-64 only.
+TPU_PLAN = "jax[tpu]>=0.10"
+_LINUX_X86 = "platform_system == 'Linux' and platform_machine == 'x86_64'"
+
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "scipy>=1.11"],
+    # The planner tests really compile for a TPU topology, so the test extra brings libtpu where it exists.
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "scipy>=1.11", f"{TPU_PLAN}; {_LINUX_X86}"],
+    "tpu-plan": [TPU_PLAN],
     # Preparing real TFDS datasets (wmt14, cnn_dailymail, ...) needs TensorFlow.
     "tf": ["tensorflow-cpu>=2.16"],
     "gpu": ["jax[cuda12]>=0.10"],

@@ -13,6 +13,12 @@ Variants (``--config=configs/translation.py:VARIANT``):
     smoke: a tiny model for a few steps (tests; seconds).
     large: d_model 512, 6+6 layers, 32 experts top-2, bf16 compute, 20k steps, batch 256. Hardware: one GPU
         or TPU host. Expected: not run yet; sized for hours on one H100-class GPU.
+    xl: plan-only, never trained or run here: d_model 2048, 8+8 layers, 64 experts top-2 (d_ff 8192), vocab
+        32k, batch 512 × 256+256 tokens, bf16 compute; about 26.6 B parameters, 1.7 B active per token. Sized
+        so that a TPU pod has to shard it (replicated with Adam it needs ~320 GB per chip), for
+        ``experiments/compare_sharding.py --topology=...``, which only compiles it ahead of time.
+        Hardware: a v5p-128 class pod (64 chips). Expected: not run; see
+        ``experiments/results/plan_v5p_4x4x4`` for what the planner estimates.
     wmt14_de_en: WMT14 German→English, Transformer-base-sized MoE; needs the TFDS data prepared once
         (``pip install 'moe_jax[tf]' && tfds build wmt14_translate/de-en --file_format=array_record``).
         Hardware: 8 accelerators. Expected: not run here (no WMT data on our machines); a Transformer-base
@@ -62,6 +68,17 @@ def get_config(variant: str = "default"):
         )
         c.optim.update(learning_rate=5e-4, warmup_steps=2000)
         c.eval.update(batch_size=128, max_decode_examples=2000)
+    elif variant == "xl":
+        # Plan-only (see the docstring): compiled by the TPU planner, never trained.
+        c.data.vocab_size = 32_000
+        c.data.max_input_len = 256
+        c.data.max_target_len = 256
+        base.transformer_base_moe(c, max_len=512)
+        c.model.update(
+            d_model=2048, num_heads=16, d_ff=8192, num_encoder_layers=8, num_decoder_layers=8, num_experts=64
+        )
+        c.train.update(batch_size=512, num_train_steps=100_000, log_every=100, eval_every=5000)
+        c.optim.update(learning_rate=3e-4, warmup_steps=2000)
     elif variant == "wmt14_de_en":
         c.data.source = "wmt14_translate/de-en"
         c.data.builder_config = None
@@ -83,5 +100,5 @@ def get_config(variant: str = "default"):
         )
         c.eval.update(batch_size=128, max_decode_examples=3003, max_decode_len=256)
     else:
-        raise ValueError(f"unknown variant {variant!r}; choose default, smoke, large or wmt14_de_en")
+        raise ValueError(f"unknown variant {variant!r}; choose default, smoke, large, xl or wmt14_de_en")
     return c

@@ -3,6 +3,11 @@
     python experiments/compare_sharding.py --config=configs/translation.py:smoke \
         --strategies=dp,fsdp,ep,ep_fsdp,ep_tp --out=runs/compare_sharding
 
+    # Plan a TPU pod from this host (needs libtpu: pip install -e '.[tpu-plan]'):
+    python experiments/compare_sharding.py --topology=v5p:4x4x4 \
+        --config=configs/translation.py:large --config=configs/translation.py:xl \
+        --strategies=dp,fsdp,ep,ep_fsdp,ep_tp --out=experiments/results/plan_v5p_4x4x4
+
 For each strategy (a preset of ``moe_jax/sharding.py`` on its mesh) it builds the config's model, compiles the
 trainer's train step with that strategy's shardings, runs ``--steps`` steps on random token batches (the
 data pipeline is not what is compared), and records: median step time, per-device memory from the compiled
@@ -13,6 +18,15 @@ bytes held per device, and every collective of the HLO by kind (count and bytes 
 Without real accelerators, run it on simulated CPU devices (the default here: 8): the memory, parameter and
 collective columns are what a real mesh of that shape would hold and send; the step times are CPU times
 (collectives are memcpys), so they rank strategies by compute overhead only.
+
+With ``--topology=NAME`` (any TPU topology jax knows: ``v5p:4x4x4``, ``v5e:16x16``, ``v4:4x4x8``,
+``v6e:8x8``) nothing runs: each ``--config`` (repeat it to compare model sizes) × strategy is compiled
+ahead of time for that pod by :mod:`moe_jax.planner`, and the table gives per-chip memory against the
+chip's HBM, FLOPs and HBM bytes per step, collectives, a roofline step time and an MFU estimate (model in
+:mod:`moe_jax.tpu_specs`). Each strategy gets a mesh sized for the pod and the model
+(:func:`moe_jax.planner.default_pod_mesh`); ``--mesh=ep:data=4,expert=16`` overrides one, and
+``--set=train.batch_size=1024`` changes a config field of every ``--config`` (the global batch decides how
+much work each chip has, which is what the estimates are most sensitive to).
 """
 
 from __future__ import annotations
@@ -35,7 +49,9 @@ with contextlib.suppress(RuntimeError):
         int(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), 8)),
     )
 
+import ast  # noqa: E402
 import importlib.util  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -55,12 +71,46 @@ DEFAULT_MESHES = {
 }
 
 
-def load_config(spec: str):
+def load_config(spec: str, overrides: Sequence[str] = ()):
+    """``configs/<task>.py[:variant]`` with ``KEY=VALUE`` overrides (values parsed as Python literals)."""
     path, _, variant = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("_compare_cfg", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(variant or "default")
+    config = module.get_config(variant or "default")
+    config.lock()  # an override of a field that does not exist is a typo, not a new field
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. train.batch_size=1024")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        try:
+            config.update_from_flattened_dict({key: value})
+        except KeyError as e:
+            raise ValueError(f"--set {item!r}: {e.args[0]}") from None
+    return config
+
+
+def config_name(spec: str) -> str:
+    """``configs/translation.py:large`` → ``translation:large`` (the table's config column)."""
+    path, _, variant = spec.partition(":")
+    return f"{os.path.splitext(os.path.basename(path))[0]}:{variant or 'default'}"
+
+
+def parse_mesh(text: str) -> tuple[str, dict[str, int]]:
+    """``'ep:data=4,expert=-1'`` → ``('ep', {'data': 4, 'expert': -1})``."""
+    strategy, sep, axes = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return strategy, {k.strip(): int(v) for k, v in (a.split("=") for a in axes.split(",") if a.strip())}
+    except ValueError:
+        raise ValueError(
+            f"--mesh {text!r}: expected STRATEGY:AXIS=N[,AXIS=N...], e.g. ep:data=4,expert=-1"
+        ) from None
 
 
 def bytes_on_first_device(tree) -> int:
@@ -199,11 +249,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="configs/<task>.py[:variant]")
+    parser.add_argument(
+        "--config", required=True, action="append", help="configs/<task>.py[:variant]; repeat with --topology"
+    )
     parser.add_argument("--strategies", default="dp,fsdp,ep,ep_fsdp,ep_tp")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices (CPU only)")
+    parser.add_argument("--topology", help="plan a TPU pod instead (v5p:4x4x4, v5e:16x16, ...); needs libtpu")
+    parser.add_argument(
+        "--mesh", action="append", default=[], help="STRATEGY:AXIS=N,... mesh of one strategy (repeatable)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], dest="overrides", help="KEY=VALUE config override (repeatable)"
+    )
     args = parser.parse_args(argv)
     strategies = [s for s in args.strategies.split(",") if s]
     unknown = [s for s in strategies if s not in sharding.PRESETS]
@@ -212,20 +271,74 @@ def main(argv=None) -> int:
             f"error: --strategies: {unknown} unknown; choose from {sorted(sharding.PRESETS)}", file=sys.stderr
         )
         return 2
-    config = load_config(args.config)
+    try:
+        meshes = dict(parse_mesh(m) for m in args.mesh)
+        configs = [(config_name(spec), load_config(spec, args.overrides)) for spec in args.config]
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.topology:
+        return plan_main(args, configs, strategies, meshes)
+    if len(configs) > 1:
+        print("error: repeat --config only with --topology (one config per CPU comparison)", file=sys.stderr)
+        return 2
+    config = configs[0][1]
     header = (
-        f"{args.config} · {jax.device_count()} × {jax.devices()[0].device_kind} · jax {jax.__version__} · "
+        f"{args.config[0]} · {jax.device_count()} × {jax.devices()[0].device_kind} · jax {jax.__version__} · "
         f"median of {args.steps} steps"
     )
     rows = []
     for i, s in enumerate(strategies, 1):
-        print(f"[{i}/{len(strategies)}] {s} on {DEFAULT_MESHES[s]} ...", flush=True)
+        mesh = meshes.get(s, DEFAULT_MESHES[s])
+        print(f"[{i}/{len(strategies)}] {s} on {mesh} ...", flush=True)
         try:
-            rows.append(measure_strategy(config, s, DEFAULT_MESHES[s], args.steps))
+            rows.append(measure_strategy(config, s, mesh, args.steps))
         except ValueError as e:
             print(f"error: strategy {s}: {e}", file=sys.stderr)
             return 2
     write_outputs(rows, args.out, header)
+    with open(os.path.join(args.out, "results.md")) as f:
+        print(f.read())
+    print(f"wrote {args.out}/results.md, results.json, results.png")
+    return 0
+
+
+def plan_main(args, configs, strategies, meshes) -> int:
+    """``--topology``: compiles every config × strategy for the pod and writes the plan."""
+    from moe_jax import planner
+
+    # The host only traces and compiles; keep its own backend on CPU so it never opens local TPU chips.
+    if not jax.config.jax_platforms:
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        topology, spec = planner.load_topology(args.topology)
+    except planner.PlannerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    chips = len(topology.devices)
+    plans = []
+    for spec_name, config in configs:
+        for s in strategies:
+            mesh = meshes.get(s) or planner.default_pod_mesh(s, config, chips)
+            try:  # a wrong --mesh is the user's to fix before anything compiles
+                sharding.make_mesh(mesh, devices=list(topology.devices))
+            except ValueError as e:
+                print(f"error: --mesh for {s} on {args.topology} ({chips} chips): {e}", file=sys.stderr)
+                return 2
+            plans.append((spec_name, config, s, mesh))
+    rows = []
+    for i, (spec_name, config, s, mesh) in enumerate(plans, 1):
+        print(f"[{i}/{len(plans)}] {spec_name} {s} on {mesh} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            row = planner.plan_strategy(config, s, mesh, topology, spec)
+        except ValueError as e:  # this model cannot be sharded this way; the other rows still count
+            print(f"  cannot shard: {e}", file=sys.stderr)
+            row = {"strategy": s, "mesh": {k: v for k, v in mesh.items() if v != 1}, "error": str(e)}
+        row.update(config=spec_name, compile_s=round(time.perf_counter() - start, 1))
+        rows.append(row)
+    setup = planner.report_setup(args.topology, topology, spec, configs, list(args.overrides))
+    planner.write_report(rows, args.out, setup)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"wrote {args.out}/results.md, results.json, results.png")

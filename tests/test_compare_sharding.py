@@ -29,3 +29,30 @@ def test_unknown_strategy_is_exit_2(tmp_path, capsys):
         == 2
     )
     assert "zero3" in capsys.readouterr().err
+
+
+def test_set_overrides_and_mesh_parsing():
+    c = compare_sharding.load_config(
+        "configs/translation.py:smoke", ["train.batch_size=64", "model.dtype=bfloat16"]
+    )
+    assert c.train.batch_size == 64 and c.model.dtype == "bfloat16"
+    assert compare_sharding.parse_mesh("ep:data=4,expert=-1") == ("ep", {"data": 4, "expert": -1})
+    assert compare_sharding.config_name("configs/translation.py") == "translation:default"
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        compare_sharding.load_config("configs/translation.py:smoke", ["train.batch_size"])
+    with pytest.raises(ValueError, match="STRATEGY:AXIS=N"):
+        compare_sharding.parse_mesh("ep=4")
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--config=configs/translation.py:large"], "only with --topology"),
+        (["--set=train.no_such_field=1"], "no_such_field"),
+        (["--mesh=ep:data=two"], "STRATEGY:AXIS=N"),
+    ],
+)
+def test_bad_cpu_arguments_are_exit_2(extra, message, tmp_path, capsys):
+    argv = ["--config=configs/translation.py:smoke", f"--out={tmp_path}", *extra]
+    assert compare_sharding.main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -22,7 +22,7 @@ def load_config(name, variant):
 
 
 VARIANTS = {
-    "translation": ["default", "smoke", "large", "wmt14_de_en"],
+    "translation": ["default", "smoke", "large", "xl", "wmt14_de_en"],
     "summarization": ["default", "smoke", "cnn_dailymail", "xsum"],
 }
 

@@ -1,0 +1,591 @@
+"""Plans a TPU pod from a CPU host: the real train step compiled ahead of time for a TPU topology.
+
+``jax.experimental.topologies.get_topology_desc`` describes a pod (``v5p:4x4x4`` is 64 chips) without any
+TPU attached; a mesh over its devices, the train state as ``ShapeDtypeStruct`` s with ``NamedSharding`` s
+and ``jax.jit(step).lower(...).compile()`` give the program XLA:TPU would run on each chip. From it
+:func:`plan_strategy` reads, per chip: memory (``memory_analysis``), FLOPs and HBM bytes (``cost_analysis``)
+and every collective of the HLO (:mod:`moe_jax.hlo_stats`), and adds a roofline step time and an MFU
+estimate (:mod:`moe_jax.tpu_specs`). Nothing is allocated or run, so a model far larger than the host's
+memory costs only compile time (a few minutes per strategy on 2 cores for ``translation:xl``, 27 B params).
+
+The TPU compiler ships in ``libtpu`` (``pip install "jax[tpu]==<installed jax version>"``, or the
+``moe_jax[tpu-plan]`` extra); :func:`load_topology` says so in one line when it is missing.
+
+ICI bytes: a collective's HLO result size is not what crosses the links. :func:`ici_bytes` converts each
+collective to the bytes one chip *receives* with a bandwidth-optimal algorithm over a group of ``n`` chips:
+all-gather ``(n-1)/n·R``, all-to-all ``(n-1)/n·R``, all-reduce ``2(n-1)/n·R`` (reduce-scatter then
+all-gather), reduce-scatter ``(n-1)·R`` (its result is one shard), collective-permute ``R``. Which links a
+group spans (one torus axis or several) is ignored: the roofline divides by the chip's whole receive
+bandwidth, which a collective over one mesh axis does not get, so treat the ICI term as a lower bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from moe_jax import hlo_stats, sharding, tpu_specs
+from moe_jax.train import optim, step, trainer
+
+# Topology names that jax accepts, for error messages.
+EXAMPLE_TOPOLOGIES = ("v5p:4x4x4", "v5e:16x16", "v4:4x4x8", "v6e:8x8")
+
+
+class PlannerError(Exception):
+    """A planning request that cannot be met; the message is one line meant for the user."""
+
+
+def install_hint() -> str:
+    """The pip command that brings the TPU compiler matching the installed jax."""
+    return f'pip install "jax[tpu]=={jax.__version__}"'
+
+
+def _libtpu_path() -> str | None:
+    """Where jax would load libtpu from (the ``TPU_LIBRARY_PATH`` file, else the ``libtpu`` package)."""
+    path = os.environ.get("TPU_LIBRARY_PATH")
+    if path and os.path.isfile(path):
+        return path
+    found = importlib.util.find_spec("libtpu")
+    return found.origin if found is not None else None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Sends file descriptor 2 to /dev/null for the duration (C++ writes bypass ``sys.stderr``).
+
+    libtpu prints warnings when it starts on a host that is not a Cloud TPU VM (no accelerator type, no
+    worker hostnames). They are expected and harmless for compiling; when loading does fail, the exception
+    jax raises carries the reason.
+    """
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def load_topology(name: str):
+    """Describes the TPU pod ``name`` (e.g. ``v5p:4x4x4``); returns ``(topology, spec)``.
+
+    Raises:
+        PlannerError: libtpu is missing (the message is the install command), jax does not know the name,
+            or :mod:`moe_jax.tpu_specs` has no peak numbers for its chip.
+    """
+    if _libtpu_path() is None:
+        raise PlannerError(
+            f"--topology needs the TPU compiler (libtpu), which is not installed: {install_hint()}  "
+            "(or pip install -e '.[tpu-plan]')"
+        )
+    # libtpu takes /tmp/libtpu_lockfile so two processes never drive the same chips. Compiling opens no
+    # chip, and on a shared host any JAX process with libtpu installed may hold that lock for its lifetime.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    with _quiet_stderr():
+        try:
+            topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+        except Exception as e:  # libtpu raises several types; all mean the same to the user
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise PlannerError(
+                f"--topology={name}: {first}; names look like {', '.join(EXAMPLE_TOPOLOGIES)}"
+            ) from None
+    try:
+        spec = tpu_specs.spec_for(topo.devices[0].device_kind)
+    except KeyError as e:
+        raise PlannerError(f"--topology={name}: {e.args[0]}") from None
+    return topo, spec
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def default_pod_mesh(strategy: str, config, chips: int) -> dict[str, int]:
+    """The mesh a strategy gets on ``chips`` chips when ``--mesh`` does not say otherwise.
+
+    Each preset keeps its axes, sized for the model: ``expert`` is the largest divisor of the chip count
+    that divides the number of experts (each chip holds whole experts, none replicated within the axis),
+    ``tensor`` (``ep_tp``) is the largest of 4, 2, 1 dividing the heads and the chips (tensor parallelism
+    pays a collective per layer, so it stays small and within neighbouring chips), and the remaining axis
+    (``data`` or ``fsdp``) takes the rest. ``ep_fsdp`` keeps at least 2 chips on ``fsdp`` (with as many
+    experts as chips it would otherwise be ``ep``).
+    """
+    experts = int(config.model.num_experts)
+    heads = int(config.model.num_heads)
+    if strategy == "dp":
+        return {"data": chips}
+    if strategy == "fsdp":
+        return {"fsdp": chips}
+    tensor = next(t for t in (4, 2, 1) if heads % t == 0 and chips % t == 0) if strategy == "ep_tp" else 1
+    min_fsdp = 2 if strategy == "ep_fsdp" and chips % 2 == 0 else 1
+    expert = next(d for d in _divisors_desc(chips // (tensor * min_fsdp)) if experts % d == 0)
+    rest = chips // (tensor * expert)
+    if strategy == "ep":
+        return {"data": rest, "expert": expert}
+    if strategy == "ep_fsdp":
+        return {"fsdp": rest, "expert": expert}
+    if strategy == "ep_tp":
+        return {"data": rest, "expert": expert, "tensor": tensor}
+    raise PlannerError(
+        f"strategy {strategy!r} has no default pod mesh; give one with --mesh={strategy}:AXIS=N,..."
+    )
+
+
+# --- ICI traffic --------------------------------------------------------------------------------------
+_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+_RESULT = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(hlo_stats.KINDS) + r")(-start)?\(")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
+_LIST_GROUPS = re.compile(r"replica_groups=\{\{([\d,\s]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+
+
+def _arrays(text: str) -> list[int]:
+    """Bytes of every array shape in ``text`` (dtypes without a known size are skipped)."""
+    sizes = []
+    for dtype, dims in _SHAPE.findall(text):
+        if dtype in hlo_stats._DTYPE_BYTES:  # one dtype table for the project
+            sizes.append(
+                math.prod(int(d) for d in filter(None, dims.split(","))) * hlo_stats._DTYPE_BYTES[dtype]
+            )
+    return sizes
+
+
+def group_size(line: str, num_devices: int) -> int | None:
+    """Chips per replica group of an HLO collective line (``None`` when the format is not recognised)."""
+    m = _MESH_GROUPS.search(line)  # XLA:TPU: mesh['axis_0'=2,'axis_1'=4] {'axis_1'}
+    if m:
+        sizes = {
+            k.strip("' "): int(v) for k, v in (kv.split("=") for kv in m.group(1).split(",") if "=" in kv)
+        }
+        axes = [a.strip("' ") for a in m.group(2).split(",") if a.strip("' ")]
+        return math.prod(sizes[a] for a in axes) if axes else num_devices
+    m = _LIST_GROUPS.search(line)  # {{0,1,2,3},{4,5,6,7}}
+    if m:
+        return len([x for x in m.group(1).split(",") if x.strip()])
+    m = _IOTA_GROUPS.search(line)  # [2,4]<=[8]: 2 groups of 4
+    if m:
+        return int(m.group(2))
+    if "replica_groups={}" in line:
+        return num_devices
+    return None
+
+
+def collective_ici_bytes(line: str, num_devices: int) -> int:
+    """Bytes one chip receives for one collective line (see the module docstring for the factors)."""
+    m = _RESULT.search(line)
+    if not m:
+        return 0
+    kind, started = m.group(2), bool(m.group(3))
+    arrays = _arrays(m.group(1))
+    if started and kind != "all-reduce":
+        # Async starts return (operands, results, u32 contexts): drop the contexts, keep the results.
+        arrays = [b for b in arrays if b > 4] if len(arrays) > 1 else arrays
+    n = group_size(line, num_devices) or 2
+    result = sum(arrays)
+    if started and kind == "all-gather":
+        result = result * n // (n + 1)  # operand R/n plus result R
+    elif started and kind == "collective-permute":
+        result //= 2  # operand plus result, same size
+    factor = {
+        "all-gather": (n - 1) / n,
+        "all-to-all": (n - 1) / n,
+        "all-reduce": 2 * (n - 1) / n,
+        "reduce-scatter": n - 1,
+        "collective-permute": 1.0,
+    }[kind]
+    return int(result * factor)
+
+
+def ici_bytes(hlo_text: str, num_devices: int) -> int:
+    """Bytes one chip receives over ICI per execution of the program."""
+    return sum(collective_ici_bytes(c.line, num_devices) for c in hlo_stats.collectives(hlo_text))
+
+
+# --- Model FLOPs ----------------------------------------------------------------------------------------
+def model_flops(config, params: nnx.State) -> dict[str, float]:
+    """Analytic FLOPs of one training step of the seq2seq model: 3 × forward (backward = 2 × forward).
+
+    Forward = 2 × (active parameters × the tokens they touch) + attention scores (QKᵀ and AV,
+    ``4·B·Lq·Lk·H·head_dim`` per attention). Expert weights count ``top_k / num_experts`` of their size
+    (what one token uses; capacity padding is overhead, not model FLOPs); encoder weights see the input
+    tokens, decoder weights the target tokens, cross-attention keys/values the input tokens; the tied
+    embedding counts once, as the output projection; norms and lookups are free.
+
+    Returns:
+        ``total`` (global FLOPs per step), ``params`` and ``active_params`` (per token).
+    """
+    m = config.model
+    B = int(config.train.batch_size)
+    Li, Lt = int(config.data.max_input_len), int(config.data.max_target_len)
+    tokens_in, tokens_out = B * Li, B * Lt
+    E, K = int(m.num_experts), int(m.top_k)
+    total_params = active_params = 0.0
+    forward = 0.0
+    for path, variable in nnx.to_flat_state(params):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        size = float(math.prod(variable.get_value().shape))
+        total_params += size
+        if len(variable.get_value().shape) < 2 or keys[-1] == "pos":
+            continue  # norm scales, biases, learned positions: no matmul
+        axes = variable.get_metadata().get("out_sharding") or ()
+        used = size * K / E if "expert" in axes else size
+        active_params += used
+        if keys[0] == "embedder":
+            tokens = tokens_out if m.tie_embeddings else 0  # tied table: the output projection
+        elif (
+            keys[0] == "decoder"
+            and "cross_attn" in keys
+            and keys[-1] in ("w_k", "w_v")
+            or keys[0] == "encoder"
+        ):
+            tokens = tokens_in
+        else:
+            tokens = tokens_out
+        forward += 2 * used * tokens
+    d_attn = int(m.num_heads) * int(m.head_dim or int(m.d_model) // int(m.num_heads))
+    n_enc, n_dec = int(m.num_encoder_layers), int(m.num_decoder_layers)
+    forward += 4 * B * d_attn * (n_enc * Li * Li + n_dec * (Lt * Lt + Lt * Li))
+    return {"total": 3 * forward, "params": total_params, "active_params": active_params}
+
+
+# --- One strategy ------------------------------------------------------------------------------------
+def _abstract(state, shardings):
+    return jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s)),
+        state,
+        shardings,
+        is_leaf=lambda v: isinstance(v, nnx.Variable | jax.sharding.NamedSharding),
+    )
+
+
+def _bytes_per_chip(abstract_state) -> int:
+    total = 0
+    for leaf in jax.tree.leaves(abstract_state):
+        total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+# XLA:TPU's out-of-memory messages: "... required for HLO temporaries (36.10G) exceeds available HBM
+# (15.75G)" or "Used 120.5G of 95.74G hbm".
+_OOM_SIZE = re.compile(r"(?:required[^(]*\(|Used )([\d.]+)([KMGT]?)")
+
+
+def _parse_oom(message: str) -> int | None:
+    """Bytes the compiler wanted, from an XLA:TPU out-of-HBM message (``None``: not such a message)."""
+    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        return None
+    m = _OOM_SIZE.search(message)
+    if not m:
+        return None
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return int(float(m.group(1)) * scale[m.group(2)])
+
+
+def plan_strategy(
+    config, strategy: str, mesh_shape: Mapping[str, int], topology, spec: tpu_specs.TpuSpec
+) -> dict:
+    """Compiles the trainer's train step for ``strategy`` on the pod and returns one row of estimates.
+
+    Args:
+        config: a seq2seq config (``configs/translation.py`` and friends).
+        strategy: a preset of :data:`moe_jax.sharding.PRESETS`.
+        mesh_shape: sizes per mesh axis; one may be -1.
+        topology: from :func:`load_topology`.
+        spec: the chip's peak numbers.
+
+    Returns:
+        A JSON-ready dict (memory, FLOPs, bytes, collectives, roofline, MFU, fit). When the compiler runs
+        out of HBM the row says ``fits: False`` with the bytes it asked for, instead of raising.
+
+    Raises:
+        ValueError: the mesh does not divide the chip count, a parameter or the batch does not divide its
+            mesh axes (the message names the sizes).
+    """
+    devices = list(topology.devices)
+    try:
+        mesh = sharding.make_mesh(mesh_shape, devices=devices)
+    except ValueError as e:
+        raise ValueError(f"{strategy}: {e} (the pod has {len(devices)} chips)") from None
+    rules = sharding.preset_rules(strategy)
+    vocab = int(config.data.vocab_size)
+    B = int(config.train.batch_size)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        tx, schedule = optim.make_optimizer(config.optim, int(config.train.num_train_steps))
+
+        def init():
+            model = trainer.build_model(config, vocab_size=vocab, bos_id=2, seed=0)
+            return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        model, optimizer = nnx.eval_shape(init)
+        graphdef, state = nnx.split((model, optimizer))
+        state_sh = sharding.state_shardings(state, mesh, rules)
+        abstract_state = _abstract(state, state_sh)
+        batch_spec = sharding.logical_to_spec(("act_batch",), rules, mesh.axis_names)
+        batch_sh = jax.sharding.NamedSharding(mesh, batch_spec)
+        batch_ways = math.prod(
+            dict(zip(mesh.axis_names, mesh.devices.shape))[a]
+            for entry in batch_spec
+            for a in ((entry,) if isinstance(entry, str) else entry or ())
+        )
+        if B % batch_ways:
+            raise ValueError(
+                f"{strategy}: the global batch of {B} is not divisible by its {batch_ways}-way batch "
+                f"sharding over {dict(zip(mesh.axis_names, mesh.devices.shape))}; change train.batch_size"
+            )
+        batch = {
+            key: jax.ShapeDtypeStruct((B, int(length)), np.int32, sharding=batch_sh)
+            for key, length in (
+                ("inputs", config.data.max_input_len),
+                ("targets", config.data.max_target_len),
+            )
+        }
+        train_fn = step.jit_train_step(
+            graphdef,
+            state_sh,
+            batch_sh,
+            schedule=schedule,
+            seed=int(config.seed),
+            label_smoothing=float(config.loss.label_smoothing),
+            lb_weight=float(config.loss.lb_weight),
+            z_weight=float(config.loss.z_weight),
+            skip_nonfinite=True,
+        )
+        lowered = train_fn.lower(abstract_state, batch)
+    flops_model = model_flops(config, nnx.state(model, nnx.Param))
+    chips = len(devices)
+    row = {
+        "strategy": strategy,
+        "mesh": {k: v for k, v in zip(mesh.axis_names, mesh.devices.shape) if v > 1} or {"data": 1},
+        "chips": chips,
+        "params": flops_model["params"],
+        "active_params": flops_model["active_params"],
+        "state_bytes_per_chip": _bytes_per_chip(abstract_state),
+        "model_flops_per_chip": flops_model["total"] / chips,
+        "hbm_bytes": spec.hbm_bytes,
+    }
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # XlaRuntimeError's home moved between jax versions
+        wanted = _parse_oom(str(e))
+        if wanted is None:
+            raise
+        message = next((ln for ln in str(e).splitlines() if "memory" in ln), str(e)).strip()
+        return {
+            **row,
+            "fits": False,
+            "peak_bytes_per_chip": wanted,
+            "error": "compiler: out of HBM",
+            "compiler_message": message[:300],
+        }
+    mem = compiled.memory_analysis()
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, Sequence) else cost
+    hlo = compiled.as_text()
+    flops, hbm_traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    received = ici_bytes(hlo, chips)
+    estimate = tpu_specs.roofline(flops, hbm_traffic, received, spec)
+    return {
+        **row,
+        "fits": peak <= spec.hbm_bytes,
+        "peak_bytes_per_chip": int(peak),
+        "temp_bytes_per_chip": int(mem.temp_size_in_bytes),
+        "flops_per_chip": flops,
+        "hbm_bytes_accessed_per_chip": hbm_traffic,
+        "collectives": hlo_stats.summary(hlo),
+        "ici_bytes_per_chip": received,
+        **estimate,
+        "mfu": tpu_specs.mfu(row["model_flops_per_chip"], estimate["step_s"], spec),
+    }
+
+
+# --- Report -----------------------------------------------------------------------------------------------
+_KIND_ABBREV = {
+    "all-to-all": "A2A",
+    "all-gather": "AG",
+    "all-reduce": "AR",
+    "reduce-scatter": "RS",
+    "collective-permute": "CP",
+}
+
+
+def report_setup(
+    name: str, topology, spec: tpu_specs.TpuSpec, configs, overrides: Sequence[str] = ()
+) -> dict:
+    """What a plan was computed for: pod, chip numbers with their source, versions, models.
+
+    Args:
+        name: the topology name (``v5p:4x4x4``).
+        topology: from :func:`load_topology`.
+        spec: the chip's peak numbers.
+        configs: ``(name, config)`` pairs.
+        overrides: the ``KEY=VALUE`` config overrides applied to every config.
+    """
+    try:
+        libtpu_version = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        libtpu_version = "unknown"
+    models = {
+        config_name: {
+            "d_model": int(c.model.d_model),
+            "layers": f"{c.model.num_encoder_layers}+{c.model.num_decoder_layers}",
+            "experts": f"{c.model.num_experts} top-{c.model.top_k}",
+            "d_ff": int(c.model.d_ff),
+            "batch": int(c.train.batch_size),
+            "tokens": f"{c.data.max_input_len}+{c.data.max_target_len}",
+            "vocab": int(c.data.vocab_size),
+            "dtype": f"{c.model.dtype} compute, {c.model.param_dtype} params",
+        }
+        for config_name, c in configs
+    }
+    return {
+        "topology": name,
+        "chips": len(topology.devices),
+        "device_kind": topology.devices[0].device_kind,
+        "spec": dataclasses.asdict(spec),
+        "jax": jax.__version__,
+        "libtpu": libtpu_version,
+        "overrides": list(overrides),
+        "models": models,
+    }
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def _table_row(r: dict) -> str:
+    mesh = "×".join(f"{k}{v}" for k, v in r["mesh"].items())
+    cells = [r["config"], r["strategy"], mesh]
+    if "flops_per_chip" not in r:  # could not shard, or the compiler ran out of HBM
+        peak = _gib(r["peak_bytes_per_chip"]) if "peak_bytes_per_chip" in r else "—"
+        state = _gib(r["state_bytes_per_chip"]) if "state_bytes_per_chip" in r else "—"
+        cells += [peak, f"✗ {r['error']}", state] + ["—"] * 7
+        return "| " + " | ".join(cells) + " |"
+    collectives = " · ".join(
+        f"{_KIND_ABBREV.get(k, k)} {v['count']}, {v['bytes'] / 2**20:.1f}"
+        for k, v in r["collectives"].items()
+    )
+    ms = lambda s: f"{s * 1e3:.1f}"
+    cells += [
+        _gib(r["peak_bytes_per_chip"]),
+        "✓" if r["fits"] else "✗",
+        _gib(r["state_bytes_per_chip"]),
+        f"{r['flops_per_chip'] / 1e12:.2f} ({r['model_flops_per_chip'] / 1e12:.2f})",
+        f"{r['hbm_bytes_accessed_per_chip'] / 1e9:.1f}",
+        collectives or "—",
+        f"{r['ici_bytes_per_chip'] / 2**20:.1f}",
+        f"{ms(r['step_s'])} ({ms(r['compute_s'])} / {ms(r['memory_s'])} / {ms(r['ici_s'])})",
+        r["bound"],
+        f"{100 * r['mfu']:.1f}%",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _model_line(name: str, m: dict, rows: list[dict]) -> str:
+    counted = next((r for r in rows if r["config"] == name and "params" in r), None)
+    size = ""
+    if counted:
+        size = f", {counted['params'] / 1e9:.2f} B parameters ({counted['active_params'] / 1e9:.2f} B active)"
+    return (
+        f"`{name}`: d_model {m['d_model']}, {m['layers']} layers, {m['experts']}, d_ff {m['d_ff']}, "
+        f"batch {m['batch']} × {m['tokens']} tokens, vocab {m['vocab']}, {m['dtype']}{size}"
+    )
+
+
+_HOW_TO_READ = (
+    "Per chip: HBM = compiled arguments + outputs + temporaries − donated (✗: over the chip's HBM, or "
+    "the compiler ran out of it); params+opt = the train state's shards; TFLOP and HBM GB from the "
+    "compiled program's cost analysis, model TFLOP = 3 × forward of the active parameters and attention; "
+    "collectives = count and result MiB per kind (A2A all-to-all, AG all-gather, AR all-reduce, "
+    "RS reduce-scatter, CP collective-permute); ICI MiB = bytes the chip receives (ring factors, "
+    "`moe_jax/planner.py`). Estimated step = max(FLOPs / peak, HBM bytes / HBM bandwidth) + ICI bytes / "
+    "(ICI bandwidth / 2): no overlap of collectives with compute, peak rates everywhere "
+    "(`moe_jax/tpu_specs.py`); MFU = model FLOPs / (step × peak). Use it to rank strategies and find the "
+    "bottleneck, not as a prediction."
+)
+
+
+def write_report(rows: list[dict], out: str, setup: dict) -> None:
+    """``results.json``, ``results.md`` (table + how to read it) and ``results.png`` of a pod plan."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"setup": setup, "rows": rows}, f, indent=1)
+    spec = setup["spec"]
+    overrides = f" Config overrides: {', '.join(setup['overrides'])}." if setup["overrides"] else ""
+    lines = [
+        f"# Plan for {setup['topology']}: {setup['chips']} × {setup['device_kind']}\n",
+        f"Compiled ahead of time on a CPU host (jax {setup['jax']}, libtpu {setup['libtpu']}); "
+        f"nothing ran on a TPU.{overrides}",
+        f"Chip: {spec['name']}, {spec['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
+        f"{spec['hbm_bytes'] / 2**30:.1f} GiB HBM at {spec['hbm_bw'] / 1e9:.0f} GB/s, ICI "
+        f"{spec['ici_bw_bidirectional'] / 1e9:.0f} GB/s per chip both ways ({spec['source']}).",
+        "Models: " + "; ".join(_model_line(n, m, rows) for n, m in setup["models"].items()) + ".\n",
+        _HOW_TO_READ + "\n",
+        f"| config | strategy | mesh | HBM GiB/chip (of {spec['hbm_bytes'] / 2**30:.0f}) | fits | "
+        "params+opt GiB/chip | TFLOP/chip HLO (model) | HBM GB/chip | collectives (n, MiB) | ICI MiB/chip | "
+        "est. step ms (compute / HBM / ICI) | bound | est. MFU |",
+        "|" + "---|" * 13,
+        *(_table_row(r) for r in rows),
+    ]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot(rows, setup, os.path.join(out, "results.png"))
+
+
+def _plot(rows: list[dict], setup: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["config"] for r in rows))
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+
+    def value(name, strategy, key, scale):
+        row = next((r for r in rows if r["config"] == name and r["strategy"] == strategy), {})
+        return row[key] * scale if key in row else float("nan")
+
+    panels = [  # title, row key, scale, log axis
+        ("HBM / chip (GiB); dashed: capacity", "peak_bytes_per_chip", 2**-30, False),
+        ("est. step time (ms)", "step_s", 1e3, True),
+        ("est. MFU (%)", "mfu", 100.0, False),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4))
+    width = 0.8 / max(len(names), 1)
+    for ax, (title, key, scale, log) in zip(axes, panels):
+        heights = []
+        for j, name in enumerate(names):
+            xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(strategies))]
+            heights += [value(name, s, key, scale) for s in strategies]
+            ax.bar(xs, heights[-len(strategies) :], width, label=name)
+        ax.set_xticks(range(len(strategies)), strategies, rotation=30, fontsize=8)
+        finite = [h for h in heights if h > 0 and math.isfinite(h)]
+        if log and finite and max(finite) > 20 * min(finite):  # one slow row would flatten the rest
+            ax.set_yscale("log")
+            title += ", log scale"
+        ax.set_title(title, fontsize=9)
+    axes[0].axhline(setup["spec"]["hbm_bytes"] / 2**30, color="k", linestyle="--", linewidth=1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{setup['topology']} ({setup['chips']} chips): estimates from AOT compiles", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
