@@ -156,13 +156,7 @@ def measure_strategy(config, strategy: str, mesh_shape: dict, steps: int) -> dic
         opt_bytes = bytes_on_first_device(opt_state)
         example = batch()
         compiled = train_fn.lower(state, example).compile()
-        mem = compiled.memory_analysis()
-        peak = (
-            mem.argument_size_in_bytes
-            + mem.output_size_in_bytes
-            + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes
-        )
+        peak = hlo_stats.peak_memory_bytes(compiled)
         collectives = hlo_stats.summary(compiled.as_text())
         state, metrics = compiled(state, example)  # warm-up
         times, losses = [], []
@@ -179,7 +173,7 @@ def measure_strategy(config, strategy: str, mesh_shape: dict, steps: int) -> dic
         "mesh": {k: v for k, v in zip(mesh.axis_names, mesh.devices.shape) if v > 1} or {"data": 1},
         "step_ms": statistics.median(times),
         "peak_bytes_per_device": int(peak),
-        "temp_bytes_per_device": int(mem.temp_size_in_bytes),
+        "temp_bytes_per_device": int(compiled.memory_analysis().temp_size_in_bytes),
         "param_bytes_per_device": int(param_bytes),
         "opt_state_bytes_per_device": int(opt_bytes),
         "collectives": collectives,

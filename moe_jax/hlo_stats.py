@@ -72,3 +72,14 @@ def summary(hlo_text: str) -> dict[str, dict[str, int]]:
         table[c.kind]["count"] += 1
         table[c.kind]["bytes"] += c.result_bytes
     return dict(table)
+
+
+def peak_memory_bytes(compiled) -> int:
+    """Device memory a compiled program needs: arguments + outputs + temporaries − donated (aliased) bytes."""
+    mem = compiled.memory_analysis()
+    return (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+    )

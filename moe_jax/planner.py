@@ -391,13 +391,7 @@ def plan_strategy(
             "error": "compiler: out of HBM",
             "compiler_message": message[:300],
         }
-    mem = compiled.memory_analysis()
-    peak = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes
-    )
+    peak = hlo_stats.peak_memory_bytes(compiled)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, Sequence) else cost
     hlo = compiled.as_text()
@@ -408,7 +402,7 @@ def plan_strategy(
         **row,
         "fits": peak <= spec.hbm_bytes,
         "peak_bytes_per_chip": int(peak),
-        "temp_bytes_per_chip": int(mem.temp_size_in_bytes),
+        "temp_bytes_per_chip": int(compiled.memory_analysis().temp_size_in_bytes),
         "flops_per_chip": flops,
         "hbm_bytes_accessed_per_chip": hbm_traffic,
         "collectives": hlo_stats.summary(hlo),
