@@ -10,3 +10,7 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss or gradient; the message names the step."""
+
+
+class CheckpointWriteError(ConfigError):
+    """A checkpoint could not be written (disk full, permissions); earlier checkpoints are intact."""

@@ -42,10 +42,12 @@ def _parse_flags(argv):
 
 def main(argv):
     del argv
-    # Library warnings (TFDS, Orbax) would bury the one-line errors; the run reports on stdout.
-    logging.set_verbosity(logging.ERROR)
+    # Library logs (TFDS, Orbax's background writer) would bury the one-line errors; failures reach the
+    # run as exceptions and are reported once below, progress goes to stdout.
+    logging.set_verbosity(logging.FATAL)
     from moe_jax.errors import ConfigError, NonFiniteLossError
     from moe_jax.train import trainer
+    from moe_jax.train.workdir import resolve_workdir
 
     config = _CONFIG.value
     if _MODE.value == "eval":
@@ -54,7 +56,8 @@ def main(argv):
     if config.get("task") in ("image_classification", "vlm"):
         from moe_jax.train import vision_loop as trainer  # same contract: train_and_evaluate(config, workdir)
     try:
-        trainer.train_and_evaluate(config, _WORKDIR.value)
+        workdir = resolve_workdir(_WORKDIR.value)  # once, here: Orbax needs absolute paths
+        trainer.train_and_evaluate(config, workdir)
     except ConfigError as e:
         _fail(str(e))
     except NonFiniteLossError as e:

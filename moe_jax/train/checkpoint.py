@@ -9,6 +9,7 @@ step directory whose files are damaged (COOKBOOK §4).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as cm
 
-from moe_jax.errors import ConfigError
+from moe_jax.errors import CheckpointWriteError, ConfigError
+from moe_jax.train.workdir import describe_os_error
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +80,12 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
-        self.directory = str(directory)
+        # Orbax's background writer needs an absolute path (a relative one fails after training went on).
+        self.directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
         self.report = report or log.warning
         self.mngr = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: set[int] = set()
+        self._failed = False
 
     def steps(self) -> list[int]:
         return sorted(self.mngr.all_steps())
@@ -111,7 +116,15 @@ class Checkpointer:
 
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-        return bool(self.mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True))
+        self.check()
+        try:
+            # Orbax finishes the previous save before starting this one; its failure surfaces here too.
+            started = self.mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001 - a write failed (disk, permissions)
+            self._failed = True
+            raise CheckpointWriteError(self._write_failure(e)) from None
+        self._pending = {step}  # the only save that can still be in flight
+        return bool(started)
 
     def read_meta(self, step: int) -> dict:
         return dict(self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
@@ -169,8 +182,47 @@ class Checkpointer:
             f"skipping it (not deleted)"
         )
 
+    def check(self) -> None:
+        """Raises :class:`CheckpointWriteError` as soon as a background save has failed.
+
+        Cheap (no waiting): the loop calls it every step, so a failed save ends the run at once instead of
+        at the next save. Orbax keeps the failure on its finalize thread; ``check_for_errors`` does not
+        report it in orbax 0.12, so the thread is read directly (guarded, in case the attribute moves).
+        """
+        holder = getattr(self.mngr, "_finalize_thread", None)
+        thread = holder.get() if holder is not None and hasattr(holder, "get") else None
+        if thread is None or thread.is_alive():
+            return
+        error = getattr(thread, "exception", None)
+        if error is None:
+            self._pending.clear()
+        else:
+            self._failed = True
+            raise CheckpointWriteError(self._write_failure(error)) from None
+
+    def _write_failure(self, error: BaseException) -> str:
+        good = [s for s in self.steps() if s not in self._pending]
+        kept = f"the last good checkpoint is step {good[-1]}" if good else "no earlier checkpoint exists"
+        return (
+            f"saving a checkpoint in {self.directory} failed ({describe_os_error(error)}); {kept}; "
+            f"free space or fix the directory's permissions, then re-run to resume"
+        )
+
     def wait(self) -> None:
-        self.mngr.wait_until_finished()
+        """Blocks until pending saves are written; a failed one raises :class:`CheckpointWriteError`."""
+        try:
+            self.mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - any failure of the background write is reported the same way
+            self._failed = True
+            raise CheckpointWriteError(self._write_failure(e)) from None
+        self._pending.clear()
 
     def close(self) -> None:
-        self.mngr.close()
+        """Waits for pending saves and releases the manager; after a reported failure, only releases."""
+        if not self._failed:
+            self.wait()
+        try:
+            self.mngr.close()
+        except Exception:  # noqa: BLE001 - the failure was reported already; closing must not add another
+            if not self._failed:
+                raise

@@ -26,6 +26,7 @@ from moe_jax.train import optim
 from moe_jax.train import step as step_lib
 from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.train.logging import RunLogger
+from moe_jax.train.workdir import resolve_workdir
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,8 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
         NonFiniteLossError: a non-finite loss with ``train.nonfinite='stop'`` (the last good checkpoint is
             kept).
     """
+    workdir = resolve_workdir(workdir)
     mesh, rules = validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
     data = load_data(config) if data is None else data
     t_cfg = config.train
     total_steps = int(t_cfg.num_train_steps)
@@ -316,6 +317,7 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
         tokens, last_good = 0.0, start_step
         try:
             for step in range(start_step + 1, total_steps + 1):
+                ckpt.check()  # a failed background save ends the run now, not at the next save
                 batch = next(train_iter)
                 tokens += float(np.count_nonzero(batch["inputs"]) + np.count_nonzero(batch["targets"]))
                 state, metrics = train_fn(state, {k: run.put(batch[k]) for k in step_lib.TRAIN_KEYS})
@@ -344,7 +346,6 @@ def train_and_evaluate(config, workdir: str, *, data=None) -> dict[str, Any]:
             final.update(run.decode_and_score(state, beam=int(config.eval.beam_size) > 0))
             logger.log_eval(max(total_steps, start_step), final, prefix="final")
         finally:
-            ckpt.wait()
             ckpt.close()
             logger.close()
         plot = logger.plot_routing()

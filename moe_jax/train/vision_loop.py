@@ -27,6 +27,7 @@ from moe_jax.train import step as step_lib
 from moe_jax.train import vision_tasks as tasks
 from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.train.logging import RunLogger
+from moe_jax.train.workdir import resolve_workdir
 
 TASKS = ("image_classification", "vlm")
 
@@ -285,8 +286,8 @@ def train_and_evaluate(config, workdir: str, *, data=None, stream=None) -> dict[
     """
     import time
 
+    workdir = resolve_workdir(workdir)
     mesh, rules = validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
     data = load_data(config) if data is None else data
     t_cfg = config.train
     total_steps = int(t_cfg.num_train_steps)
@@ -330,6 +331,7 @@ def train_and_evaluate(config, workdir: str, *, data=None, stream=None) -> dict[
         t0 = time.time()
         try:
             for step in range(start_step + 1, total_steps + 1):
+                ckpt.check()  # a failed background save ends the run now, not at the next save
                 batch = next(train_iter)
                 state, metrics = run.train_fn(state, {k: run.put(batch[k]) for k in run.train_keys})
                 if not bool(metrics["finite"]):
@@ -359,7 +361,6 @@ def train_and_evaluate(config, workdir: str, *, data=None, stream=None) -> dict[
             final["train_seconds"] = train_seconds
             logger.log_eval(max(total_steps, start_step), final, prefix="final")
         finally:
-            ckpt.wait()
             ckpt.close()
             logger.close()
     logger.plot_routing()
