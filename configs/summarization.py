@@ -17,18 +17,11 @@ Variants (``--config=configs/summarization.py:VARIANT``):
         here; ROUGE-L around 25-30 is typical.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "_moe_jax_config_base", os.path.join(os.path.dirname(__file__), "base.py")
-)
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from moe_jax import config_lib
 
 
 def get_config(variant: str = "default"):
-    c = base.get_base_config()
+    c = config_lib.seq2seq_config()
     c.task = "summarization"
     c.data.source = "docstring_summarization"
     c.data.builder_config = None
@@ -51,7 +44,7 @@ def get_config(variant: str = "default"):
         c.eval.update(max_eval_examples=500)
         c.eval.decode_at_start = True
     elif variant == "smoke":
-        base.smoke(c)
+        config_lib.seq2seq_smoke(c)
         c.data.max_input_len = 24
         c.data.max_target_len = 8
     elif variant in ("cnn_dailymail", "xsum"):
@@ -60,7 +53,7 @@ def get_config(variant: str = "default"):
         c.data.max_input_len = 512
         c.data.max_target_len = 128 if variant == "cnn_dailymail" else 64
         c.data.tokenizer_train_examples = 300_000
-        base.transformer_base_moe(c, max_len=1024)
+        config_lib.transformer_base_moe(c, max_len=1024)
         c.optim.update(learning_rate=5e-4, warmup_steps=4000)
         c.train.update(
             batch_size=128,

@@ -2,7 +2,7 @@
 
 Run (CPU, offline; the corpus and a SentencePiece vocabulary are prepared on first use)::
 
-    python -m moe_jax.main --config=configs/translation.py --workdir=/tmp/moe_translation
+    python -m moe_jax.main --config=configs/translation.py --workdir=runs/translation
 
 Variants (``--config=configs/translation.py:VARIANT``):
     default: d_model 128, 3+3 layers, MoE (8 experts, top-2, capacity 1.25) every other layer, vocab 2000,
@@ -27,18 +27,11 @@ Variants (``--config=configs/translation.py:VARIANT``):
         sized model usually reaches BLEU in the high 20s on newstest2014.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "_moe_jax_config_base", os.path.join(os.path.dirname(__file__), "base.py")
-)
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from moe_jax import config_lib
 
 
 def get_config(variant: str = "default"):
-    c = base.get_base_config()
+    c = config_lib.seq2seq_config()
     c.task = "translation"
     c.data.source = "gettext_translation"
     c.data.builder_config = "en_de"
@@ -53,13 +46,13 @@ def get_config(variant: str = "default"):
         c.train.update(batch_size=32, num_train_steps=2000)
         c.eval.update(max_eval_examples=500, max_decode_examples=300)
     elif variant == "smoke":
-        base.smoke(c)
+        config_lib.seq2seq_smoke(c)
         c.eval.decode_at_start = False
     elif variant == "large":
         c.data.vocab_size = 8000
         c.data.max_input_len = 64
         c.data.max_target_len = 64
-        base.transformer_base_moe(c)
+        config_lib.transformer_base_moe(c)
         c.train.update(
             batch_size=256,
             num_train_steps=20_000,
@@ -75,10 +68,9 @@ def get_config(variant: str = "default"):
         c.data.vocab_size = 32_000
         c.data.max_input_len = 256
         c.data.max_target_len = 256
-        base.transformer_base_moe(c, max_len=512)
-        c.model.update(
-            d_model=2048, num_heads=16, d_ff=8192, num_encoder_layers=8, num_decoder_layers=8, num_experts=64
-        )
+        config_lib.transformer_base_moe(c, max_len=512)
+        c.model.update(d_model=2048, num_heads=16, d_ff=8192, num_encoder_layers=8, num_decoder_layers=8)
+        c.model.moe.num_experts = 64
         c.train.update(batch_size=512, num_train_steps=100_000, log_every=100, eval_every=5000)
         c.optim.update(learning_rate=3e-4, warmup_steps=2000)
     elif variant == "wmt14_de_en":
@@ -90,7 +82,7 @@ def get_config(variant: str = "default"):
         c.data.max_input_len = 128
         c.data.max_target_len = 128
         c.data.tokenizer_train_examples = 1_000_000
-        base.transformer_base_moe(c, max_len=256)
+        config_lib.transformer_base_moe(c, max_len=256)
         c.optim.update(learning_rate=1e-3, schedule="rsqrt", warmup_steps=4000)
         c.train.update(
             batch_size=512,

@@ -23,20 +23,13 @@ Variants (``--config=configs/vlm.py:VARIANT``):
         ~1 day. Expected: not run here; caption BLEU-4 in the 20s is typical without pre-training.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location(
-    "_moe_jax_config_base", os.path.join(os.path.dirname(__file__), "base.py")
-)
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from moe_jax import config_lib
 
 
 def get_config(variant: str = "default"):
-    c = base.get_base_config()
+    c = config_lib.base_config()
     c.task = "vlm"
 
     c.data = ml_collections.ConfigDict()
@@ -51,37 +44,24 @@ def get_config(variant: str = "default"):
     c.data.splits = ml_collections.ConfigDict({"train": "train", "validation": "validation", "test": "test"})
     c.data.num_threads = 2
 
-    # Fields of moe_jax.models.vlm.VLMConfig; vocab_size comes from the tokenizer.
+    # Fields of moe_jax.models.VLMConfig; vocab_size comes from the tokenizer.
     c.model = ml_collections.ConfigDict()
-    c.model.kind = "vlm"
     c.model.d_model = 128
     c.model.num_heads = 4
     c.model.d_ff = 256
     c.model.num_layers = 4
-    c.model.moe_every = 2  # 0: a dense decoder
-    c.model.moe_offset = 1
-    c.model.num_experts = 8
-    c.model.top_k = 2
-    c.model.moe_d_ff = 128
-    c.model.router = "token_choice"
-    c.model.capacity_factor = 1.25
-    c.model.eval_capacity_factor = 2.0
-    c.model.dispatch = "auto"
-    # Decoder routing groups: one per sequence (None). A group spanning sequences would let a caption's
-    # routing depend on the other captions of the batch, and greedy decoding (pads after the prompt) would
-    # then route differently from teacher forcing.
-    c.model.group_size = ml_collections.FieldReference(None, field_type=int)
-    c.model.jitter_noise = 0.0
-    c.model.selection_bias = False  # aux-loss-free balancing (DeepSeek-V3), updated every training step
-    c.model.selection_bias_rate = 1e-3
-    c.model.grouped_backend = "auto"  # dropless matmuls: core (CPU/GPU), megablox (TPU), mosaic_gpu (H200)
-    c.model.expert_parallel = "gspmd"  # or "shard_map" (explicit all_to_all over the expert mesh axis)
-    c.model.num_shared_experts = 0
     c.model.activation = "swiglu"
     c.model.norm = "rmsnorm"
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
-    # Fields of moe_jax.models.vit.ViTConfig (the vision tower; moe_layers=() makes it dense).
+    # The decoder's MoE layers: blocks 1 and 3 (layers=None; () gives a dense decoder), expert width 128.
+    # Decoder routing groups: one per sequence (None). A group spanning sequences would let a caption's
+    # routing depend on the other captions of the batch, and greedy decoding (pads after the prompt) would
+    # then route differently from teacher forcing.
+    c.model.moe = config_lib.moe_section(
+        num_experts=8, top_k=2, d_ff=128, capacity_factor=1.25, eval_capacity_factor=2.0, group_size=None
+    )
+    # Fields of moe_jax.models.ViTConfig (the vision tower, no head).
     v = c.model.vision = ml_collections.ConfigDict()
     v.image_size = c.data.get_ref("image_size")
     v.channels = c.data.get_ref("channels")
@@ -90,11 +70,9 @@ def get_config(variant: str = "default"):
     v.num_heads = 4
     v.d_ff = 128
     v.num_layers = 4
-    v.moe_layers = ml_collections.FieldReference(None, field_type=tuple)  # None: V-MoE pattern
-    v.num_experts = 8
-    v.top_k = 2
-    v.capacity_factor = 1.25
-    v.batch_prioritized = True
+    v.activation = "gelu"
+    v.norm = "layernorm"
+    # The vision tower's MoE layers: layers=None is the V-MoE pattern (block 3 of 4; () makes it dense).
     # Vision routing groups of 16 images (16 patches each), as in configs/image_classification.py. With one
     # group per image (None), a scene's 16 patches, mostly background, crowd the same experts: after 300
     # steps 37% of image tokens were dropped at evaluation (capacity 2.0). Groups of 256 tokens pool
@@ -102,10 +80,14 @@ def get_config(variant: str = "default"):
     # leaves 1.0% (measured on the test split, same test loss; see the module docstring). The group must
     # divide batch x 16 patches (train 64 and eval 128 both do); a fixed size keeps routing independent of
     # the batch size.
-    v.group_size = ml_collections.FieldReference(256, field_type=int)
-    v.eval_capacity_factor = 3.0
-    v.activation = "gelu"
-    v.norm = "layernorm"
+    v.moe = config_lib.moe_section(
+        num_experts=8,
+        top_k=2,
+        capacity_factor=1.25,
+        eval_capacity_factor=3.0,
+        batch_prioritized=True,
+        group_size=256,
+    )
 
     c.optim.update(learning_rate=1e-3, warmup_steps=100, b2=0.999, eps=1e-8)
     c.loss.z_weight = 1e-3
@@ -125,9 +107,10 @@ def get_config(variant: str = "default"):
     elif variant == "smoke":
         c.data.update(builder_config="tiny", image_size=16)
         c.model.vision.patch_size = 4
-        c.model.update(d_model=16, num_heads=2, d_ff=32, num_layers=2, num_experts=4, moe_d_ff=16)
-        c.model.vision.update(d_model=16, num_heads=2, d_ff=32, num_layers=2, num_experts=4)
-        c.model.vision.group_size = 64  # 4 images of 16 patches; batches of 8
+        c.model.update(d_model=16, num_heads=2, d_ff=32, num_layers=2)
+        c.model.moe.update(num_experts=4, d_ff=16)
+        c.model.vision.update(d_model=16, num_heads=2, d_ff=32, num_layers=2)
+        c.model.vision.moe.update(num_experts=4, group_size=64)  # 4 images of 16 patches; batches of 8
         c.optim.warmup_steps = 1
         c.train.update(batch_size=8, num_train_steps=3, log_every=1, eval_every=2, checkpoint_every=2)
         c.eval.update(batch_size=8, max_eval_examples=4, max_decode_examples=2, num_samples=1)
@@ -141,13 +124,10 @@ def get_config(variant: str = "default"):
             caption_prob=1.0,
         )
         c.data.splits.validation = "val"
-        c.model.update(
-            d_model=512, num_heads=8, d_ff=2048, num_layers=8, num_experts=16, moe_d_ff=1024, dtype="bfloat16"
-        )
-        c.model.vision.update(
-            patch_size=16, d_model=384, num_heads=6, d_ff=1536, num_layers=12, num_experts=16
-        )
-        c.model.vision.group_size = 196 * 4  # 4 images of 196 patches
+        c.model.update(d_model=512, num_heads=8, d_ff=2048, num_layers=8, dtype="bfloat16")
+        c.model.moe.update(num_experts=16, d_ff=1024)
+        c.model.vision.update(patch_size=16, d_model=384, num_heads=6, d_ff=1536, num_layers=12)
+        c.model.vision.moe.update(num_experts=16, group_size=196 * 4)  # 4 images of 196 patches
         c.optim.update(learning_rate=5e-4, warmup_steps=2000, weight_decay=0.05)
         c.train.update(
             batch_size=256, num_train_steps=100_000, log_every=100, eval_every=5000, checkpoint_every=5000

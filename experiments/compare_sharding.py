@@ -59,7 +59,9 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe_jax import hlo_stats, sharding  # noqa: E402
-from moe_jax.train import optim, step, trainer  # noqa: E402
+from moe_jax.models import ModelConfig, Seq2SeqTransformer  # noqa: E402
+from moe_jax.tasks import seq2seq as seq2seq_task  # noqa: E402
+from moe_jax.train import optim, step  # noqa: E402
 
 # A mesh per strategy for 8 devices (-1 takes the rest): each strategy on the layout it is meant for.
 DEFAULT_MESHES = {
@@ -126,7 +128,8 @@ def measure_strategy(config, strategy: str, mesh_shape: dict, steps: int) -> dic
     B = int(config.train.batch_size)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        model = trainer.build_model(config, vocab_size=vocab, bos_id=2, seed=0)
+        cfg = ModelConfig.from_mapping(config.model.to_dict(), vocab_size=vocab)
+        model = Seq2SeqTransformer(cfg, bos_id=2, rngs=nnx.Rngs(params=0))
         tx, schedule = optim.make_optimizer(config.optim, max(steps, 1))
         graphdef, state = step.create_train_state(model, tx)
         state_sh = sharding.state_shardings(state, mesh, rules)
@@ -147,6 +150,7 @@ def measure_strategy(config, strategy: str, mesh_shape: dict, steps: int) -> dic
             graphdef,
             state_sh,
             batch_sh,
+            loss_sums=seq2seq_task.loss_sums,
             schedule=schedule,
             seed=0,
             lb_weight=float(config.loss.lb_weight),

@@ -40,8 +40,8 @@ def arm_config(arm: str, steps: int, eval_every: int, data_dir: str):
     if data_dir:
         c.data_dir = data_dir
     if arm == "dense":
-        c.model.moe_every = 0  # dense SwiGLU of width d_ff = top_k · moe_d_ff: equal active FLOPs
-        assert c.model.d_ff == c.model.top_k * c.model.moe_d_ff
+        c.model.moe.layers = ()  # dense SwiGLU of width d_ff = top_k · moe.d_ff: equal active FLOPs
+        assert c.model.d_ff == c.model.moe.top_k * c.model.moe.d_ff
     c.train.update(
         num_train_steps=steps, eval_every=eval_every, checkpoint_every=0, log_every=max(steps // 10, 1)
     )
@@ -55,9 +55,10 @@ def param_counts(config, vocab_size: int) -> tuple[int, int]:
     import jax
     from flax import nnx
 
-    from moe_jax.train.vision_loop import build_model
+    from moe_jax.models import VisionLanguageModel, VLMConfig
 
-    model = nnx.eval_shape(lambda: build_model(config, vocab_size=vocab_size))
+    cfg = VLMConfig.from_mapping(config.model.to_dict(), vocab_size=vocab_size)
+    model = nnx.eval_shape(lambda: VisionLanguageModel(cfg, rngs=nnx.Rngs(params=0)))
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     m = config.model
     ffn_active = m.num_layers * 3 * m.d_model * m.d_ff  # SwiGLU: gate, up, down; top-2 of half width = same
@@ -105,18 +106,21 @@ def main(argv=None) -> None:
     parser.add_argument("--data_dir", default="", help="default: $MOE_JAX_DATA_DIR or ~/.cache/moe_jax/data")
     args = parser.parse_args(argv)
 
-    from moe_jax.train import vision_loop
+    from moe_jax.tasks import get_task
+    from moe_jax.tasks.vlm import plot_modality_load
+    from moe_jax.train import loop
 
     eval_every = args.eval_every or max(args.steps // 4, 1)
     os.makedirs(args.workdir, exist_ok=True)
-    data = vision_loop.load_data(arm_config("moe", args.steps, eval_every, args.data_dir))
+    moe_config = arm_config("moe", args.steps, eval_every, args.data_dir)
+    data = get_task(moe_config).load_data(moe_config)
     runs, results = {}, {}
     for arm in ("moe", "dense"):
         config = arm_config(arm, args.steps, eval_every, args.data_dir)
         workdir = os.path.join(args.workdir, arm)
         shutil.rmtree(workdir, ignore_errors=True)  # each run of the experiment starts fresh (no resume)
         print(f"=== {arm}", flush=True)
-        final = vision_loop.train_and_evaluate(config, workdir, data=data)
+        final = loop.train_and_evaluate(config, workdir, data=data)
         runs[arm] = workdir
         results[arm] = (final, *param_counts(config, data.tokenizer.vocab_size))
 
@@ -137,7 +141,7 @@ def main(argv=None) -> None:
         f.write(table)
     print(table)
     plot_curves(runs, os.path.join(args.workdir, "curves.png"))
-    vision_loop.plot_modality_load(results["moe"][0], os.path.join(args.workdir, "modality_heatmap.png"))
+    plot_modality_load(results["moe"][0], os.path.join(args.workdir, "modality_heatmap.png"))
     print(f"wrote {args.workdir}/results.md, curves.png, modality_heatmap.png", flush=True)
 
 

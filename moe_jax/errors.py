@@ -14,3 +14,25 @@ class NonFiniteLossError(RuntimeError):
 
 class CheckpointWriteError(ConfigError):
     """A checkpoint could not be written (disk full, permissions); earlier checkpoints are intact."""
+
+
+class RunInterrupted(Exception):  # noqa: N818 - a stop the user asked for, not an error
+    """SIGINT or SIGTERM stopped the run at a step boundary, after checkpointing that step.
+
+    Attributes:
+        signum: the signal; the command line exits with 128 + signum (130 for SIGINT, 143 for SIGTERM).
+        step: the last completed step.
+        saved: whether that step was checkpointed (evaluation-only runs save nothing).
+    """
+
+    def __init__(self, signum: int, step: int, *, saved: bool = True):
+        import signal
+
+        self.signum, self.step, self.saved = signum, step, saved
+        name = signal.Signals(signum).name
+        where = (
+            f"checkpoint saved at step {step}; re-run the same command to resume"
+            if saved
+            else "nothing saved"
+        )
+        super().__init__(f"interrupted by {name} after step {step}: {where}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -36,7 +37,9 @@ import numpy as np
 from flax import nnx
 
 from moe_jax import hlo_stats, sharding, tpu_specs
-from moe_jax.train import optim, step, trainer
+from moe_jax.models import ModelConfig, Seq2SeqTransformer
+from moe_jax.tasks import seq2seq as seq2seq_task
+from moe_jax.train import optim, step
 
 # Topology names that jax accepts, for error messages.
 EXAMPLE_TOPOLOGIES = ("v5p:4x4x4", "v5e:16x16", "v4:4x4x8", "v6e:8x8")
@@ -124,7 +127,7 @@ def default_pod_mesh(strategy: str, config, chips: int) -> dict[str, int]:
     (``data`` or ``fsdp``) takes the rest. ``ep_fsdp`` keeps at least 2 chips on ``fsdp`` (with as many
     experts as chips it would otherwise be ``ep``).
     """
-    experts = int(config.model.num_experts)
+    experts = int(config.model.moe.num_experts)
     heads = int(config.model.num_heads)
     if strategy == "dp":
         return {"data": chips}
@@ -215,6 +218,12 @@ def ici_bytes(hlo_text: str, num_devices: int) -> int:
     return sum(collective_ici_bytes(c.line, num_devices) for c in hlo_stats.collectives(hlo_text))
 
 
+def build_model(config, vocab_size: int) -> Seq2SeqTransformer:
+    """The config's encoder-decoder (``config.model``; BOS id 2, seed 0: shapes are what matter here)."""
+    cfg = ModelConfig.from_mapping(config.model.to_dict(), vocab_size=vocab_size)
+    return Seq2SeqTransformer(cfg, bos_id=2, rngs=nnx.Rngs(params=0))
+
+
 # --- Model FLOPs ----------------------------------------------------------------------------------------
 def model_flops(config, params: nnx.State) -> dict[str, float]:
     """Analytic FLOPs of one training step of the seq2seq model: 3 × forward (backward = 2 × forward).
@@ -232,7 +241,7 @@ def model_flops(config, params: nnx.State) -> dict[str, float]:
     B = int(config.train.batch_size)
     Li, Lt = int(config.data.max_input_len), int(config.data.max_target_len)
     tokens_in, tokens_out = B * Li, B * Lt
-    E, K = int(m.num_experts), int(m.top_k)
+    E, K = int(m.moe.num_experts), int(m.moe.top_k)
     total_params = active_params = 0.0
     forward = 0.0
     for path, variable in nnx.to_flat_state(params):
@@ -327,7 +336,7 @@ def plan_strategy(
         tx, schedule = optim.make_optimizer(config.optim, int(config.train.num_train_steps))
 
         def init():
-            model = trainer.build_model(config, vocab_size=vocab, bos_id=2, seed=0)
+            model = build_model(config, vocab)
             return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
         model, optimizer = nnx.eval_shape(init)
@@ -357,12 +366,13 @@ def plan_strategy(
             graphdef,
             state_sh,
             batch_sh,
+            loss_sums=functools.partial(
+                seq2seq_task.loss_sums, label_smoothing=float(config.loss.label_smoothing)
+            ),
             schedule=schedule,
             seed=int(config.seed),
-            label_smoothing=float(config.loss.label_smoothing),
             lb_weight=float(config.loss.lb_weight),
             z_weight=float(config.loss.z_weight),
-            skip_nonfinite=True,
         )
         lowered = train_fn.lower(abstract_state, batch)
     flops_model = model_flops(config, nnx.state(model, nnx.Param))
@@ -442,7 +452,7 @@ def report_setup(
         config_name: {
             "d_model": int(c.model.d_model),
             "layers": f"{c.model.num_encoder_layers}+{c.model.num_decoder_layers}",
-            "experts": f"{c.model.num_experts} top-{c.model.top_k}",
+            "experts": f"{c.model.moe.num_experts} top-{c.model.moe.top_k}",
             "d_ff": int(c.model.d_ff),
             "batch": int(c.train.batch_size),
             "tokens": f"{c.data.max_input_len}+{c.data.max_target_len}",

@@ -140,8 +140,34 @@ def test_train_errors_name_the_argument():
     ]:
         with pytest.raises(ValueError, match=match):
             s2s.train(**kwargs)
-    with pytest.raises(RuntimeError, match="not trained"):
+    with pytest.raises(RuntimeError, match="not trained"):  # NotTrainedError: a RuntimeError and a ValueError
         s2s.predict(["a"])
+    with pytest.raises(ValueError, match="not trained"):
+        s2s.save("unused")
+    # Many more hostile inputs, every task family and load() faults: tests/test_bad_inputs_api.py.
+
+
+def test_failed_train_leaves_the_model_as_it_was():
+    tiny = dict(num_experts=2, top_k=1, d_model=8, num_layers=1)
+    s2s = SparseMoeModel(task="translation", vocab_size=5, **tiny)  # too small for the characters below
+    with pytest.raises(ValueError, match="vocab_size=5"):
+        s2s.train(["abcdefgh ijk"], ["lmnop qrs"], epochs=1)
+    assert s2s.model is None and s2s._tokenizer is None and s2s._meta == {} and s2s._train_calls == 0
+    # Fails while the first step compiles: 3 does not divide the batch's 4 x 16 patch tokens.
+    vit = SparseMoeModel(task="image_classification", group_size=3, **tiny)
+    with pytest.raises(ValueError, match="group_size=3"):
+        vit.train(np.zeros((4, 4, 4, 1), np.float32), [0, 1, 0, 1], epochs=1)
+    assert vit.model is None and vit._meta == {} and vit._train_calls == 0
+
+
+def test_save_replaces_files_whole_and_leaves_no_temporary_files(digits, digits_model, tmp_path):
+    m = digits_model[0]
+    m.save(tmp_path / "model")
+    m.save(tmp_path / "model")  # over an existing save
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "state.msgpack"]
+    np.testing.assert_array_equal(
+        SparseMoeModel.load(tmp_path / "model").predict(digits[2][:20]), m.predict(digits[2][:20])
+    )
 
 
 @pytest.mark.slow  # ~40 s (trains two small models); CI runs it in the slow set

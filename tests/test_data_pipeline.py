@@ -125,8 +125,8 @@ def test_eval_batches_pad_the_last_batch(data_and_dirs):
     batches = list(data.eval_batches("validation", 4, max_examples=10))
     assert len(batches) == 3
     last = batches[-1]
-    np.testing.assert_array_equal(last["weights"], [1, 1, 0, 0])
-    assert last["weights"].dtype == np.float32
+    np.testing.assert_array_equal(last["row_weight"], [1, 1, 0, 0])
+    assert last["row_weight"].dtype == np.float32
     assert (last["inputs"][2:] == PAD_ID).all() and (last["targets"][2:] == PAD_ID).all()
     assert last["inputs_text"][2:] == ["", ""] and last["targets_text"][2:] == ["", ""]
     texts = [t for b in batches for t in b["targets_text"]][:10]
@@ -136,7 +136,7 @@ def test_eval_batches_pad_the_last_batch(data_and_dirs):
         if row[-1] == PAD_ID:
             assert data.tokenizer.decode(row) == text
     full = list(data.eval_batches("test", 8))
-    assert sum(b["weights"].sum() for b in full) == data.num_examples["test"]
+    assert sum(b["row_weight"].sum() for b in full) == data.num_examples["test"]
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,7 @@ def test_real_tfds_datasets_under_mock_data(tmp_path, source, builder_config):
         evals = list(data.eval_batches("test", 5))
     assert data.num_examples == {"train": 12, "validation": 12, "test": 12}
     assert batch["inputs"].shape == (4, 16) and batch["targets"].shape == (4, 8)
-    assert len(evals) == 3 and evals[-1]["weights"].tolist() == [1, 1, 0, 0, 0]
+    assert len(evals) == 3 and evals[-1]["row_weight"].tolist() == [1, 1, 0, 0, 0]
 
 
 def test_missing_real_dataset_is_one_clear_line(tmp_path):

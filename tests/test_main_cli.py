@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from moe_jax import sharding
+from moe_jax.tasks.base import plain
 from moe_jax.train import step as step_lib
-from moe_jax.train import trainer
 from moe_jax.train.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def _assert_one_line_error(proc, *needles):
     "override,needles",
     [
         ("--config.model.num_expertz=4", ["num_expertz"]),
-        ("--config.model.top_k=9", ["config.model.top_k=9", "num_experts=4"]),
+        ("--config.model.moe.top_k=9", ["config.model.moe.top_k=9", "num_experts=4"]),
         ("--config.optim.learning_rate=-0.1", ["config.optim.learning_rate=-0.1", "must be > 0"]),
     ],
 )
@@ -70,7 +70,7 @@ def _smoke_model_dict():
     spec = importlib.util.spec_from_file_location("tr", os.path.join(ROOT, "configs", "translation.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return trainer.model_config_dict(module.get_config("smoke"))
+    return plain(module.get_config("smoke").model)
 
 
 class _Tiny(nnx.Module):

@@ -1,5 +1,7 @@
 """Transformer models: shapes, MoE placement, masking, causality, positions, dtypes, sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +9,11 @@ import pytest
 from flax import nnx
 
 from moe_jax import sharding
-from moe_jax.models import DecoderLM, ModelConfig, Seq2SeqTransformer, shift_right
+from moe_jax.errors import ConfigError
+from moe_jax.models import DecoderLM, ModelConfig, MoeConfig, Seq2SeqTransformer, shift_right
 from moe_jax.models.layers import rope
 
+TINY_MOE = MoeConfig(num_experts=4, top_k=2, capacity_factor=None, dispatch="indices")
 TINY = dict(
     vocab_size=50,
     d_model=16,
@@ -17,11 +21,12 @@ TINY = dict(
     d_ff=32,
     num_encoder_layers=2,
     num_decoder_layers=2,
-    num_experts=4,
-    top_k=2,
-    capacity_factor=None,
-    dispatch="indices",
+    moe=TINY_MOE,
 )
+
+
+def _moe(**kw) -> MoeConfig:
+    return dataclasses.replace(TINY_MOE, **kw)
 
 
 def run(model, *args, **kwargs):
@@ -42,8 +47,15 @@ def test_seq2seq_shapes_and_moe_pattern():
     assert sorted(aux) == ["decoder/layer_1", "encoder/layer_1"]
     assert aux["encoder/layer_1"]["expert_load"].shape == (4,)
     assert model.decoder.layers[1].ffn.num_experts == 4
-    cfg = ModelConfig(**{**TINY, "moe_every": 1})
+    cfg = ModelConfig(**{**TINY, "moe": _moe(layers=(0, 1))})
     assert len(run(Seq2SeqTransformer(cfg, rngs=nnx.Rngs(0)), _ids(0, (1, 4)), _ids(1, (1, 4)))[1]) == 4
+    # A dense model, and the first block dense in a deeper stack ("first N layers dense").
+    dense = Seq2SeqTransformer(ModelConfig(**{**TINY, "moe": _moe(layers=())}), rngs=nnx.Rngs(0))
+    assert run(dense, _ids(0, (1, 4)), _ids(1, (1, 4)))[1] == {}
+    lm = DecoderLM(
+        ModelConfig(**{**TINY, "num_decoder_layers": 3, "moe": _moe(layers=(1, 2))}), rngs=nnx.Rngs(0)
+    )
+    assert [b.use_moe for b in lm.decoder.layers] == [False, True, True]
 
 
 def test_decoder_is_causal_and_padding_is_ignored():
@@ -81,8 +93,13 @@ def test_decoder_lm_causal_and_learned_positions():
 
 
 def test_expert_choice_in_decoder_is_rejected():
-    with pytest.raises(ValueError, match="causal"):
-        Seq2SeqTransformer(ModelConfig(**{**TINY, "router": "expert_choice"}), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="causal"):
+        Seq2SeqTransformer(ModelConfig(**{**TINY, "moe": _moe(router="expert_choice")}), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="moe.batch_prioritized=True .*causal"):
+        ModelConfig(**{**TINY, "moe": _moe(batch_prioritized=True)})
+    # A decoder without MoE blocks (or an explicit opt-in) accepts them.
+    ModelConfig(**{**TINY, "num_decoder_layers": 0, "moe": _moe(router="expert_choice", capacity_factor=1.0)})
+    ModelConfig(**{**TINY, "moe": _moe(batch_prioritized=True, allow_noncausal_routing=True)})
 
 
 def test_rope_is_relative():

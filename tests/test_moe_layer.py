@@ -1,5 +1,9 @@
 """MoeLayer against the float64 dense reference: every router x dispatcher x capacity mode.
 
+``capacity_factor=None`` means dropless for token choice, but expert choice has no dropless mode: there
+None means a factor of 1.0 (C = ceil(K·S/E) tokens per expert), so expert choice is tested at None and at a
+larger factor, each against the reference.
+
 Tolerances (written once, never loosened): f32 outputs 1e-5, f32 gradients 1e-4 (composites), bf16 1e-2
 relative (norm of the error over norm of the reference).
 """
@@ -13,6 +17,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import MoeLayer
+from moe_jax.moe import routing as routing_lib
 from tests import moe_reference as ref
 
 F32_FWD_TOL = 1e-5
@@ -59,6 +64,32 @@ def run_reference(layer, x, *, mask=None, capacity_factor="layer"):
     )
 
 
+def capture_routing(monkeypatch) -> list:
+    """Records every Routing the layer computes (eager calls), to compare the layer's own decisions."""
+    captured = []
+
+    def recording(real):
+        def spy(*args, **kwargs):
+            captured.append(real(*args, **kwargs))
+            return captured[-1]
+
+        return spy
+
+    for name in ("route_token_choice", "route_expert_choice"):
+        monkeypatch.setattr(routing_lib, name, recording(getattr(routing_lib, name)))
+    return captured
+
+
+def combine_weights(routing, S, num_experts) -> np.ndarray:
+    """The layer's combine weights [G, S, E] from its Routing record (dropped assignments weigh zero)."""
+    token, expert = np.asarray(routing.token_GN), np.asarray(routing.expert_GN)
+    weight = np.where(np.asarray(routing.kept_GN), np.asarray(routing.weight_GN, np.float64), 0.0)
+    out = np.zeros((token.shape[0], S, num_experts))
+    for g in range(token.shape[0]):
+        np.add.at(out[g], (token[g], expert[g]), weight[g])
+    return out
+
+
 def assert_close(actual, expected, tol, what=""):
     np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=tol, atol=tol, err_msg=what)
 
@@ -77,13 +108,57 @@ def check_aux(aux, metrics):
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
 @pytest.mark.parametrize("dispatch", ["einsum", "indices", "grouped"])
-@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("router", ["token_choice", "batch_prioritized"])
 def test_forward_and_gradients_match_reference(router, dispatch, capacity_factor):
     # "grouped" runs the default backend here: the core + overflow layout on CPU.
     layer = MoeLayer(
         D, F, E, K, capacity_factor=capacity_factor, dispatch=dispatch, rngs=nnx.Rngs(0), **ROUTERS[router]
     )
     check_layer_against_reference(layer, capacity_factor, router)
+
+
+# Expert choice: None means 1.0 (C = ceil(2·16·1.0/4) = 8 of the 16 tokens per expert); 1.5 gives C = 12.
+@pytest.mark.parametrize("capacity_factor, capacity", [(None, 8), (1.5, 12)], ids=["default_cf1", "cf1.5"])
+@pytest.mark.parametrize("dispatch", ["einsum", "indices", "grouped"])
+def test_expert_choice_forward_and_gradients_match_reference(dispatch, capacity_factor, capacity):
+    layer = MoeLayer(
+        D,
+        F,
+        E,
+        K,
+        capacity_factor=capacity_factor,
+        dispatch=dispatch,
+        rngs=nnx.Rngs(0),
+        **ROUTERS["expert_choice"],
+    )
+    assert ref_capacity(layer, L, capacity_factor) == capacity  # the test's own formula, checked by hand
+    check_layer_against_reference(layer, capacity_factor, "expert_choice")
+
+
+def test_expert_choice_none_means_capacity_factor_one(monkeypatch):
+    """None and 1.0 are one routing (C = 8 per expert); 1.5 (C = 12) routes and outputs differently."""
+    captured = capture_routing(monkeypatch)
+    x = make_inputs(1)
+    layers = {
+        cf: MoeLayer(D, F, E, K, capacity_factor=cf, rngs=nnx.Rngs(0), router="expert_choice")
+        for cf in (None, 1.0, 1.5)
+    }
+    outputs = {}
+    for cf, layer in layers.items():
+        y, aux = layer(x)
+        outputs[cf] = np.asarray(y, np.float64)
+        routing = captured[-1]
+        capacity = {None: 8, 1.0: 8, 1.5: 12}[cf]
+        # Each expert takes exactly C tokens of every group.
+        expert_GN, kept_GN = np.asarray(routing.expert_GN), np.asarray(routing.kept_GN)
+        kept_per_expert = np.stack([np.bincount(expert_GN[g][kept_GN[g]], minlength=E) for g in range(B)])
+        np.testing.assert_array_equal(kept_per_expert, np.full((B, E), capacity))
+        y_ref, metrics, combine = run_reference(layer, x)
+        assert_close(y, y_ref, F32_FWD_TOL, f"output, capacity_factor={cf}")
+        assert_close(combine_weights(routing, L, E), combine, F32_FWD_TOL, f"combine, capacity_factor={cf}")
+        check_aux(aux, metrics)
+    np.testing.assert_array_equal(outputs[None], outputs[1.0])
+    assert not np.allclose(outputs[None], outputs[1.5], rtol=1e-3, atol=1e-3), "1.5 must route differently"
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
@@ -206,18 +281,26 @@ def test_fine_grained_many_small_experts():
     check_aux(aux, metrics)
 
 
-def test_selection_bias_changes_selection_not_gates():
+def test_selection_bias_changes_selection_not_gates(monkeypatch):
+    """The bias sends every token to expert 3; the layer's gate is the unbiased probability, not p + 10."""
     layer = MoeLayer(
         D, F, E, 1, normalize_gates=False, selection_bias=True, selection_bias_rate=0.0, rngs=nnx.Rngs(9)
     )
     layer.selection_bias[...] = jnp.array([0.0, 0.0, 0.0, 10.0])
+    captured = capture_routing(monkeypatch)
     x = make_inputs(10)
     y, aux = layer(x)
     np.testing.assert_allclose(aux["expert_load"], [0, 0, 0, 1])
-    y_ref, _, combine = run_reference(layer, x)
+    y_ref, _, combine_ref = run_reference(layer, x)
     assert_close(y, y_ref, F32_FWD_TOL)
+    # The layer's own combine weights (not the reference's) against float64 unbiased probabilities.
+    (routing,) = captured
+    combine = combine_weights(routing, L, E)
     probs = ref._softmax(np.asarray(x, np.float64) @ ref.layer_params(layer)["router"])
-    np.testing.assert_allclose(combine[..., 3], probs[..., 3], rtol=1e-12)  # gate = unbiased probability
+    expected = np.zeros_like(probs)
+    expected[..., 3] = probs[..., 3]
+    assert_close(combine, expected, F32_FWD_TOL, "gates: unbiased probability of expert 3, nothing else")
+    assert_close(combine, combine_ref, F32_FWD_TOL, "gates against the reference routing")
 
 
 def test_selection_bias_updates_in_training_calls_only():

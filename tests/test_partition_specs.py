@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from moe_jax import sharding
-from moe_jax.train import optim, step, trainer
+from moe_jax.models import ModelConfig, Seq2SeqTransformer
+from moe_jax.train import optim, step
 from tests.test_configs import load_config
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "partition_specs.json")
@@ -27,7 +28,8 @@ def specs_for(preset: str) -> dict[str, str]:
     tx, _ = optim.make_optimizer(config.optim, config.train.num_train_steps)
 
     def build():
-        model = trainer.build_model(config, vocab_size=64, bos_id=2, seed=0)
+        cfg = ModelConfig.from_mapping(config.model.to_dict(), vocab_size=64)
+        model = Seq2SeqTransformer(cfg, bos_id=2, rngs=nnx.Rngs(params=0))
         return step.create_train_state(model, tx)[1]
 
     state = nnx.eval_shape(build)

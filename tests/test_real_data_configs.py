@@ -1,4 +1,4 @@
-"""Real-data config variants train one step on ``tfds.testing.mock_data`` (COOKBOOK §5).
+"""Real-data config variants train one step on ``tfds.testing.mock_data``.
 
 ``configs/translation.py:wmt14_de_en``, ``configs/summarization.py:cnn_dailymail`` and ``:xsum`` read prepared
 TFDS datasets that our machines do not have; ``mock_data(policy=USE_CODE)`` patches ``tfds.data_source`` to
@@ -16,7 +16,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from moe_jax.train import trainer  # noqa: E402
+from moe_jax.train import loop  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,14 +38,11 @@ def shrink(c, data_dir, *, decode):
         d_ff=32,
         num_encoder_layers=1,
         num_decoder_layers=1,
-        moe_every=1,
-        moe_offset=0,
-        num_experts=4,
-        top_k=2,
         dtype="float32",
         dropout_rate=0.0,
         max_len=64,
     )
+    c.model.moe.update(layers=(0,), num_experts=4, top_k=2)
     c.optim.warmup_steps = 1
     c.train.update(
         batch_size=8,
@@ -82,7 +79,7 @@ def test_real_data_variant_trains_one_step_on_mock_data(name, variant, source, d
     assert c.data.source == source
     workdir = tmp_path / "work"
     with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
-        final = trainer.train_and_evaluate(c, str(workdir))
+        final = loop.train_and_evaluate(c, str(workdir))
     with open(workdir / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     train_rows = [r for r in rows if r.get("kind") == "train"]

@@ -91,10 +91,8 @@ def test_xl_is_a_26b_moe_with_1_7b_active():
     """The plan-only variant: counted from its abstract parameters, never materialised."""
     from flax import nnx
 
-    from moe_jax.train import trainer
-
     c = compare_sharding.load_config("configs/translation.py:xl")
-    model = nnx.eval_shape(lambda: trainer.build_model(c, vocab_size=c.data.vocab_size, bos_id=2, seed=0))
+    model = nnx.eval_shape(lambda: planner.build_model(c, c.data.vocab_size))
     flops = planner.model_flops(c, nnx.state(model, nnx.Param))
     assert flops["params"] == pytest.approx(26.64e9, rel=1e-3)
     assert flops["active_params"] == pytest.approx(1.677e9, rel=1e-3)

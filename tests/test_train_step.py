@@ -12,10 +12,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from moe_jax import sharding
-from moe_jax.models import ModelConfig, Seq2SeqTransformer
+from moe_jax.models import ModelConfig, MoeConfig, Seq2SeqTransformer
 from moe_jax.moe.layer import SelectionBias
+from moe_jax.tasks import seq2seq
 from moe_jax.train import optim
 from moe_jax.train import step as step_lib
+
+LOSS = seq2seq.loss_sums
 
 # The smoke config's model (configs/base.py:smoke) on a 51-token vocabulary.
 SMOKE = ModelConfig(
@@ -25,8 +28,7 @@ SMOKE = ModelConfig(
     d_ff=64,
     num_encoder_layers=2,
     num_decoder_layers=2,
-    num_experts=4,
-    top_k=2,
+    moe=MoeConfig(num_experts=4, top_k=2),
 )
 OPTIM = {"learning_rate": 3e-3, "warmup_steps": 2, "clip_norm": 1.0}
 # Obtained once by running test_golden_first_step below (CPU, float32, 'highest' matmul precision from
@@ -57,7 +59,7 @@ def _state():
 def test_golden_first_step_sharded_equals_unsharded():
     graphdef, state, schedule = _state()
     batch = _batch()
-    kwargs = dict(schedule=schedule, seed=0, lb_weight=0.01, z_weight=1e-3)
+    kwargs = dict(loss_sums=LOSS, schedule=schedule, seed=0, lb_weight=0.01, z_weight=1e-3)
     plain = jax.jit(functools.partial(step_lib.train_step, graphdef, **kwargs))
     _, want = plain(state, batch)
 
@@ -87,7 +89,9 @@ def test_nonfinite_update_is_skipped():
     bad[0]["embedder"]["embed"]["table"].set_value(
         jnp.full_like(bad[0]["embedder"]["embed"]["table"].get_value(), jnp.nan)
     )
-    step = jax.jit(functools.partial(step_lib.train_step, graphdef, schedule=schedule, seed=0))
+    step = jax.jit(
+        functools.partial(step_lib.train_step, graphdef, loss_sums=LOSS, schedule=schedule, seed=0)
+    )
     new, metrics = step(bad, _batch())
     assert not bool(metrics["finite"])
     _, opt = nnx.merge(graphdef, new)
@@ -126,17 +130,31 @@ def test_schedules_and_accumulation():
 
 def test_selection_bias_is_updated_by_the_train_step():
     """selection_bias=True: each MoE layer's bias moves by rate·sign(mean load − load) of that step."""
-    cfg = dataclasses.replace(SMOKE, selection_bias=True, selection_bias_rate=0.01)
+    cfg = dataclasses.replace(
+        SMOKE, moe=dataclasses.replace(SMOKE.moe, selection_bias=True, selection_bias_rate=0.01)
+    )
     model = Seq2SeqTransformer(cfg, rngs=nnx.Rngs(params=0))
     tx, schedule = optim.make_optimizer(OPTIM, 10)
     graphdef, state = step_lib.create_train_state(model, tx)
-    step = jax.jit(functools.partial(step_lib.train_step, graphdef, schedule=schedule, seed=0))
+    step = jax.jit(
+        functools.partial(step_lib.train_step, graphdef, loss_sums=LOSS, schedule=schedule, seed=0)
+    )
     new_state, metrics = step(state, _batch())
     new_model, _ = nnx.merge(graphdef, new_state)
-    biases = [np.asarray(v[...]) for _, v in nnx.iter_graph(new_model) if isinstance(v, SelectionBias)]
-    loads = [np.asarray(v) for k, v in metrics.items() if k.endswith("/expert_load")]
-    assert len(biases) == len(loads) == 2  # one MoE layer per stack
-    expected = [0.01 * np.sign(load.mean() - load) for load in loads]
-    assert any(np.any(e != 0) for e in expected)
-    for bias in biases:
-        assert any(np.allclose(bias, e, atol=1e-7) for e in expected), (bias, expected)
+    # Each layer's bias against that same layer's load (matched by name, so one layer cannot stand in for
+    # both).
+    biases = {
+        f"{path[0]}/layer_{path[2]}": np.asarray(v[...])
+        for path, v in nnx.iter_graph(new_model)
+        if isinstance(v, SelectionBias)
+    }
+    loads = {
+        k[len("moe/") : -len("/expert_load")]: np.asarray(v)
+        for k, v in metrics.items()
+        if k.endswith("/expert_load")
+    }
+    assert sorted(biases) == sorted(loads) == ["decoder/layer_1", "encoder/layer_1"]
+    for name, load in loads.items():
+        expected = 0.01 * np.sign(load.mean() - load)
+        assert np.any(expected != 0), name
+        np.testing.assert_allclose(biases[name], expected, atol=1e-7, err_msg=name)

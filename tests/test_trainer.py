@@ -11,7 +11,8 @@ import time
 import pytest
 
 from moe_jax.errors import ConfigError, NonFiniteLossError
-from moe_jax.train import trainer
+from moe_jax.tasks import get_task
+from moe_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +40,7 @@ def read_metrics(workdir, kind="train"):
 def smoke_run(tmp_path_factory):
     """One 4-step smoke run shared by the tests below (compiling dominates its cost)."""
     workdir = tmp_path_factory.mktemp("smoke")
-    return workdir, trainer.train_and_evaluate(smoke_config(num_train_steps=4), str(workdir))
+    return workdir, loop.train_and_evaluate(smoke_config(num_train_steps=4), str(workdir))
 
 
 def test_smoke_run_writes_everything(smoke_run):
@@ -73,8 +74,8 @@ def test_different_model_in_workdir_is_refused(smoke_run):
     before = sorted(os.listdir(workdir / "checkpoints"))
     c = smoke_config(num_train_steps=6)
     c.model.d_model = 48
-    with pytest.raises(ConfigError, match="different model.*d_model"):
-        trainer.train_and_evaluate(c, str(workdir))
+    with pytest.raises(ConfigError, match="different model.*model.d_model: 32 in the checkpoint vs 48"):
+        loop.train_and_evaluate(c, str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == before
 
 
@@ -82,23 +83,27 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     c = smoke_config(num_train_steps=4, checkpoint_every=1, eval_every=0)
     c.eval.max_decode_examples = 0
     c.optim.update(learning_rate=1e30, clip_norm=0.0, warmup_steps=0, schedule="constant")
-    with pytest.raises(NonFiniteLossError, match=r"loss at step 2.*last good checkpoint is step 1"):
-        trainer.train_and_evaluate(c, str(tmp_path))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient at step 2 .*last good checkpoint is step 1"):
+        loop.train_and_evaluate(c, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
+def moe_section(c):
+    return c.model.moe if "moe" in c.model else c.model
 
 
 def test_validation_errors():
     c = smoke_config()
-    c.model.top_k = c.model.num_experts + 1
+    moe_section(c).top_k = moe_section(c).num_experts + 1
     with pytest.raises(ConfigError, match="top_k"):
-        trainer.validate_config(c)
+        get_task(c).build_model(c, get_task(c).load_data(c))
     c = smoke_config()
     c.optim.learning_rate = -1.0
     with pytest.raises(ConfigError, match="learning_rate"):
-        trainer.validate_config(c)
+        loop.validate_config(c)
     c = smoke_config(batch_size=12)  # 8 simulated devices
     with pytest.raises(ConfigError, match="batch_size=12 must be a positive multiple of the 8"):
-        trainer.validate_config(c)
+        loop.validate_config(c)
 
 
 def _cli(workdir, steps, env):
@@ -121,37 +126,60 @@ def _cli(workdir, steps, env):
     )
 
 
-@pytest.mark.slow  # three subprocess runs: ~70 s on a shared 2-core machine
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    """Per-step losses after a SIGKILL + re-run equal an uninterrupted run's bit for bit."""
-    env = dict(
+STEPS = 60
+
+
+def _env(cache_dir):
+    return dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
-    steps = 60
-    full = _cli(tmp_path / "full", steps, env)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("signals")
+    full = _cli(root / "full", STEPS, _env(root / "jax_cache"))
     out = full.communicate(timeout=300)[0]
     assert full.returncode == 0, out[-3000:]
+    return root, {r["step"]: r["loss"] for r in read_metrics(root / "full")}
 
-    killed = tmp_path / "killed"
-    proc = _cli(killed, steps, env)
+
+@pytest.mark.slow  # two subprocess runs per signal (+ one shared): ~2 min on a shared 2-core machine
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_signal_then_resume_matches_uninterrupted_run(sig, uninterrupted):
+    """SIGKILL, SIGINT (Ctrl-C) and SIGTERM (preemption) mid-run, then a re-run: per-step losses equal an
+    uninterrupted run's bit for bit. SIGINT / SIGTERM first checkpoint the current step and exit 130 / 143
+    with one line; the re-run resumes from exactly that step."""
+    root, expected = uninterrupted
+    env = _env(root / "jax_cache")
+    stopped = root / sig.name
+    proc = _cli(stopped, STEPS, env)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        rows = read_metrics(killed) if (killed / "metrics.jsonl").exists() else []
+        rows = read_metrics(stopped) if (stopped / "metrics.jsonl").exists() else []
         if rows and rows[-1]["step"] >= 25:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
         time.sleep(0.01)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    rerun = _cli(killed, steps, env)
+    out = proc.communicate(timeout=120)[0]
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    else:
+        assert proc.returncode == 128 + sig, out[-3000:]
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and f"interrupted by {sig.name}" in errors[0], out[-2000:]
+        assert "Traceback" not in out
+        saved = int(errors[0].split("checkpoint saved at step ")[1].split(";")[0])
+        assert saved >= 25 and str(saved) in os.listdir(stopped / "checkpoints")
+    rerun = _cli(stopped, STEPS, env)
     out = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, out[-3000:]
     assert "resumed from checkpoint step" in out
-
-    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full")}
-    got = {r["step"]: r["loss"] for r in read_metrics(killed)}
-    assert sorted(got) == list(range(1, steps + 1))
+    if sig != signal.SIGKILL:
+        assert f"resumed from checkpoint step {saved} " in out
+    got = {r["step"]: r["loss"] for r in read_metrics(stopped)}
+    assert sorted(got) == list(range(1, STEPS + 1))
     assert got == expected

@@ -45,7 +45,7 @@ def test_image_classification_batches(data_dir):
     assert not np.array_equal(batch["label"], next(data.train_iter(16, seed=4))["label"])
     batches = list(data.eval_batches("test", 128))
     assert all(b["image"].shape == (128, 8, 8, 1) for b in batches)
-    assert sum(float(b["weights"].sum()) for b in batches) == len(data.sources["test"])
+    assert sum(float(b["row_weight"].sum()) for b in batches) == len(data.sources["test"])
 
 
 def test_scenes_are_deterministic_and_consistent():
@@ -84,21 +84,21 @@ def test_vlm_batches_and_tokenizer(data_dir):
     )
     batch = next(data.train_iter(8, seed=0))
     assert batch["image"].shape == (8, 16, 16, 3)
-    for k in ("text", "targets", "weights"):
+    for k in ("text", "targets", "token_weight"):
         assert batch[k].shape == (8, 16), k
     # Targets are the inputs shifted left; weights cover exactly the answer / caption tokens and EOS.
     np.testing.assert_array_equal(
         batch["targets"][:, :-1][batch["text"][:, 1:] != 0], batch["text"][:, 1:][batch["text"][:, 1:] != 0]
     )
     for row in range(8):
-        w = batch["weights"][row]
+        w = batch["token_weight"][row]
         assert w.sum() > 0 and batch["targets"][row][w > 0][-1] == vision.EOS_ID
     again = next(data.train_iter(8, seed=0))
     np.testing.assert_array_equal(batch["text"], again["text"])
     vqa = next(data.eval_batches("test", 8, kind="vqa"))
     n = int(vqa["prompt_len"][0])
     assert vqa["prompt"][0, n - 1] == vision.ANSWER_ID and vqa["prompt"][0, n] == 0
-    assert tok.decode(vqa["targets"][0][vqa["weights"][0] > 0]) == vqa["target_text"][0]
+    assert tok.decode(vqa["targets"][0][vqa["token_weight"][0] > 0]) == vqa["target_text"][0]
     cap = next(data.eval_batches("test", 8, kind="caption"))
     assert int(cap["prompt_len"][0]) == 2 and tok.decode(cap["targets"][0][1:]) == cap["target_text"][0]
 
@@ -119,7 +119,7 @@ def test_encode_task_positions():
     ]
     np.testing.assert_array_equal(out["text"][:7], full[:-1])
     np.testing.assert_array_equal(out["targets"][:7], full[1:])
-    np.testing.assert_array_equal(out["weights"], [0, 0, 0, 0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(out["token_weight"], [0, 0, 0, 0, 0, 1, 1, 0])
     assert int(out["prompt_len"]) == 6
 
 
@@ -150,7 +150,7 @@ def test_real_classification_names_read_with_mock_data(data_dir, name, split, si
         )
         batch = next(data.train_iter(4, seed=0))
         assert batch["image"].shape == (4, size, size, 3) and batch["label"].dtype == np.int32
-        assert next(data.eval_batches("test", 8))["weights"].sum() == 8
+        assert next(data.eval_batches("test", 8))["row_weight"].sum() == 8
 
 
 def test_missing_real_data_is_a_one_line_error(data_dir):

@@ -1,13 +1,18 @@
 """V-MoE ViT: shapes, the MoE pattern, patching, input errors, capacity in train vs eval, BPR."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.models.vit import ViTClassifier, ViTConfig, patchify, vmoe_pattern
+from moe_jax.errors import ConfigError
+from moe_jax.models import MoeConfig, vmoe_layers
+from moe_jax.models.vit import ViTClassifier, ViTConfig, patchify
 
+TINY_MOE = MoeConfig(num_experts=4, top_k=2, dispatch="indices", batch_prioritized=True)
 TINY = dict(
     image_size=8,
     patch_size=2,
@@ -17,10 +22,12 @@ TINY = dict(
     num_heads=2,
     d_ff=32,
     num_layers=4,
-    num_experts=4,
-    top_k=2,
-    dispatch="indices",
+    moe=TINY_MOE,
 )
+
+
+def _moe(**kw) -> MoeConfig:
+    return dataclasses.replace(TINY_MOE, **kw)
 
 
 def _images(key, shape=(3, 8, 8, 1)):
@@ -28,8 +35,10 @@ def _images(key, shape=(3, 8, 8, 1)):
 
 
 def test_shapes_and_default_vmoe_pattern():
-    assert vmoe_pattern(8) == (5, 7) and vmoe_pattern(4) == (3,) and vmoe_pattern(6) == (3, 5)
-    assert vmoe_pattern(12) == (7, 9, 11)
+    assert vmoe_layers(8) == (5, 7) and vmoe_layers(4) == (3,) and vmoe_layers(6) == (3, 5)
+    assert vmoe_layers(12) == (7, 9, 11) and vmoe_layers(5) == (2, 4) and vmoe_layers(2) == (1,)
+    # The ViT's default is batch-prioritized V-MoE routing, also when the moe section omits it.
+    assert ViTConfig().moe.batch_prioritized and ViTConfig.from_mapping({"moe": {}}).moe.batch_prioritized
     model = ViTClassifier(ViTConfig(**TINY), rngs=nnx.Rngs(0))
     logits, aux = model(_images(0))
     assert logits.shape == (3, 10) and logits.dtype == jnp.float32
@@ -37,9 +46,9 @@ def test_shapes_and_default_vmoe_pattern():
     assert aux["vit/layer_3"]["expert_load"].shape == (4,)
     assert [layer.use_moe for layer in model.encoder.layers] == [False, False, False, True]
     # An explicit pattern and a dense ViT.
-    model = ViTClassifier(ViTConfig(**{**TINY, "moe_layers": (0, 2)}), rngs=nnx.Rngs(0))
+    model = ViTClassifier(ViTConfig(**{**TINY, "moe": _moe(layers=(0, 2))}), rngs=nnx.Rngs(0))
     assert sorted(model(_images(0))[1]) == ["vit/layer_0", "vit/layer_2"]
-    assert ViTClassifier(ViTConfig(**{**TINY, "moe_layers": ()}), rngs=nnx.Rngs(0))(_images(0))[1] == {}
+    assert ViTClassifier(ViTConfig(**{**TINY, "moe": _moe(layers=())}), rngs=nnx.Rngs(0))(_images(0))[1] == {}
 
 
 def test_patchify_order_and_values():
@@ -51,7 +60,7 @@ def test_patchify_order_and_values():
 
 
 def test_bad_input_errors_name_the_field():
-    with pytest.raises(ValueError, match="image_size=10 is not divisible by patch_size=4"):
+    with pytest.raises(ConfigError, match="image_size=10 is not divisible by patch_size=4"):
         ViTConfig(**{**TINY, "image_size": 10, "patch_size": 4})
     with pytest.raises(ValueError, match="not divisible by patch_size=3"):
         patchify(jnp.zeros((1, 8, 8, 1)), 3)
@@ -60,13 +69,13 @@ def test_bad_input_errors_name_the_field():
         model(jnp.zeros((2, 8, 8, 3)))
     with pytest.raises(ValueError, match="image is 16x16 .*image_size=8"):
         model(jnp.zeros((2, 16, 16, 1)))
-    with pytest.raises(ValueError, match="moe_layers"):
-        ViTConfig(**{**TINY, "moe_layers": (4,)})
+    with pytest.raises(ConfigError, match=r"moe.layers=\(4,\) has indices \[4\] outside \[0, 4\)"):
+        ViTConfig(**{**TINY, "moe": _moe(layers=(4,))})
 
 
 def test_train_vs_eval_capacity_and_batch_prioritized_routing():
     cfg = ViTConfig(
-        **{**TINY, "capacity_factor": 0.5, "eval_capacity_factor": 4.0, "batch_prioritized": True}
+        **{**TINY, "moe": _moe(capacity_factor=0.5, eval_capacity_factor=4.0, batch_prioritized=True)}
     )
     model = ViTClassifier(cfg, rngs=nnx.Rngs(0))
     images = _images(1, (4, 8, 8, 1))

@@ -4,13 +4,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from moe_jax.errors import ConfigError
+from moe_jax.models import MoeConfig
 from moe_jax.models.vit import ViTConfig
 from moe_jax.models.vlm import VisionLanguageModel, VLMConfig, prefix_lm_mask
-from moe_jax.train import vision_tasks
+from moe_jax.tasks import vlm as vlm_task
 
 VISION = ViTConfig(
     image_size=8,
@@ -21,28 +24,27 @@ VISION = ViTConfig(
     num_heads=2,
     d_ff=32,
     num_layers=2,
-    num_experts=4,
-    top_k=2,
-    dispatch="indices",
+    moe=MoeConfig(num_experts=4, top_k=2, dispatch="indices", batch_prioritized=True),
 )
 P = 4  # (8 / 4)² image tokens
+DECODER_MOE = MoeConfig(num_experts=4, top_k=2, d_ff=16, capacity_factor=None, dispatch="indices")
 
 
-def _cfg(**kw):
-    base = dict(
-        vision=VISION,
+def _cfg(vision=VISION, **moe):
+    """The tiny VLM; ``moe`` overrides fields of the decoder's MoE config."""
+    return VLMConfig(
+        vision=vision,
         vocab_size=20,
         d_model=16,
         num_heads=2,
         d_ff=32,
         num_layers=2,
-        num_experts=4,
-        top_k=2,
-        moe_d_ff=16,
-        capacity_factor=None,
-        dispatch="indices",
+        moe=dataclasses.replace(DECODER_MOE, **moe),
     )
-    return VLMConfig(**{**base, **kw})
+
+
+def _vision(**moe):
+    return dataclasses.replace(VISION, moe=dataclasses.replace(VISION.moe, **moe))
 
 
 @pytest.fixture(scope="module")
@@ -115,22 +117,21 @@ def test_image_tokens_do_not_see_text(model):
 
 
 def test_loss_is_on_weighted_text_tokens_only(model):
+    task = vlm_task.VLMTask(ml_collections.ConfigDict({"loss": {"label_smoothing": 0.0}}))
     targets = jnp.concatenate([TEXT[:, 1:], jnp.zeros((2, 1), jnp.int32)], axis=1)
     weights = jnp.zeros((2, 6)).at[0, 2:5].set(1.0).at[1, 2].set(1.0)
-    batch = {"image": _images(0), "text": TEXT, "targets": targets, "weights": weights}
-    loss, metrics = vision_tasks.vlm_loss(model, batch, deterministic=True, lb_weight=0.0, z_weight=0.0)
+    batch = {"image": _images(0), "text": TEXT, "targets": targets, "token_weight": weights}
+    sums, _ = task.loss_sums(model, batch, dropout_key=None, deterministic=True)
+    loss = sums["loss_sum"] / sums["weight_sum"]
     logits, _ = model(_images(0), TEXT)
     logp = jax.nn.log_softmax(logits)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(loss, (nll * weights).sum() / weights.sum(), rtol=1e-5)
     # Targets at unweighted positions do not matter.
     other = {**batch, "targets": jnp.where(weights > 0, targets, 17)}
-    np.testing.assert_allclose(
-        vision_tasks.vlm_loss(model, other, deterministic=True, lb_weight=0.0, z_weight=0.0)[0],
-        loss,
-        rtol=1e-6,
-    )
-    assert float(metrics["num_tokens"]) == 4.0
+    other_sums, _ = task.loss_sums(model, other, dropout_key=None, deterministic=True)
+    np.testing.assert_allclose(other_sums["loss_sum"] / other_sums["weight_sum"], loss, rtol=1e-6)
+    assert float(sums["weight_sum"]) == 4.0
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
@@ -156,41 +157,45 @@ def test_modality_split_sums_to_the_layer_load(capacity_factor):
 
 def test_decoder_moe_is_causal():
     # The decoder's MoE layers are built with causal=True, so a non-causal router is refused.
-    with pytest.raises(ValueError, match="causal"):
+    with pytest.raises(ConfigError, match="causal"):
         VisionLanguageModel(_cfg(router="expert_choice", capacity_factor=1.0), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="moe.batch_prioritized=True .*causal"):
+        _cfg(batch_prioritized=True)
     # A dense vision tower and a dense decoder build too.
-    dense = VisionLanguageModel(
-        _cfg(moe_every=0, vision=dataclasses.replace(VISION, moe_layers=())), rngs=nnx.Rngs(0)
-    )
+    dense = VisionLanguageModel(_cfg(layers=(), vision=_vision(layers=())), rngs=nnx.Rngs(0))
     assert dense(_images(0), TEXT)[1] == {}
 
 
 def test_greedy_decode_matches_teacher_forcing(model):
+    """Every generated token is the argmax of teacher-forced logits after the tokens before it.
+
+    Pad's embedding row is zeroed (its tied logit is then 0, below the best of 19 random logits) and EOS is
+    an id the model cannot emit, so each row generates tokens until its buffer is full and every one of
+    them is compared: an untrained model emitting pad or EOS first cannot pass vacuously.
+    """
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x, state)  # the module fixture stays untouched
+    state["embed"]["table"].set_value(state["embed"]["table"].get_value().at[0].set(0.0))
+    m = nnx.merge(graphdef, state)
+    T = 6
     prompt = jnp.array([[2, 5, 7, 0, 0, 0], [2, 6, 0, 0, 0, 0]], jnp.int32)
     prompt_len = jnp.array([3, 2], jnp.int32)
-    out = np.asarray(vision_tasks.greedy_decode_vlm(model, _images(0), prompt, prompt_len, eos_id=3))
+    out = np.asarray(vlm_task.greedy_decode_vlm(m, _images(0), prompt, prompt_len, eos_id=-1))
     for b in range(2):
         n = int(prompt_len[b])
-        gen = []
-        for t in out[b]:  # up to the first pad (an untrained model may emit it) or EOS
-            if t == 0:
-                break
-            gen.append(int(t))
-            if t == 3:
-                break
-        seq = list(np.asarray(prompt[b, :n])) + gen
-        seq = (seq + [0] * 6)[:6]
-        logits, _ = model(_images(0)[b : b + 1], jnp.array([seq], jnp.int32))
-        # Each generated token is the argmax after the tokens before it.
-        for i, tok in enumerate(gen[: 6 - n]):
-            assert int(jnp.argmax(logits[0, n - 1 + i])) == tok
+        # The buffer holds T - n new tokens; one more comes from the logits at the last position.
+        gen = [int(t) for t in out[b, : T - n + 1]]
+        assert all(t != 0 for t in gen), out[b]
+        assert (out[b, T - n + 1 :] == 0).all(), out[b]
+        seq = list(np.asarray(prompt[b, :n])) + gen[: T - n]
+        logits, _ = m(_images(0)[b : b + 1], jnp.array([seq], jnp.int32))
+        assert [int(t) for t in jnp.argmax(logits[0, n - 1 :], axis=-1)] == gen
+    assert len(set(out[out != 0].tolist())) > 1, out  # not one token repeated
 
 
 def test_vqa_exact_match_and_bleu():
-    assert vision_tasks.vqa_exact_match(["Red", "blue ", "yes"], ["red", "blue", "no"]) == pytest.approx(
-        200 / 3
-    )
-    assert vision_tasks.caption_bleu(
+    assert vlm_task.vqa_exact_match(["Red", "blue ", "yes"], ["red", "blue", "no"]) == pytest.approx(200 / 3)
+    assert vlm_task.caption_bleu(
         ["a small red square left of a big blue circle"], ["a small red square left of a big blue circle"]
     ) == pytest.approx(100.0)
 
@@ -202,16 +207,16 @@ def test_bad_inputs_name_the_field(model):
         model(jnp.zeros((2, 8, 8, 1)), TEXT)
     with pytest.raises(ValueError, match="text is empty"):
         model(_images(0), TEXT[:, :0])
-    with pytest.raises(ValueError, match="image_size=10 is not divisible by patch_size=4"):
+    with pytest.raises(ConfigError, match="image_size=10 is not divisible by patch_size=4"):
         _cfg(vision=dataclasses.replace(VISION, image_size=10))
 
 
 def test_vision_group_size_reaches_the_tower_and_pools_capacity_over_images():
     """``vision.group_size`` spans images: with tight capacity, one image's tokens change another's output."""
-    vision = dataclasses.replace(VISION, capacity_factor=0.5, eval_capacity_factor=0.5, moe_layers=(1,))
     prefix = {}
     for group in (None, 2 * P):
-        m = VisionLanguageModel(_cfg(vision=dataclasses.replace(vision, group_size=group)), rngs=nnx.Rngs(0))
+        vision = _vision(capacity_factor=0.5, eval_capacity_factor=0.5, layers=(1,), group_size=group)
+        m = VisionLanguageModel(_cfg(vision=vision), rngs=nnx.Rngs(0))
         assert m.vision.layers[1].ffn.group_size == group
         images = _images(3)
         other = images.at[1].set(-images[1])  # change image 1 only

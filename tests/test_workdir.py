@@ -8,7 +8,7 @@ import pytest
 from orbax.checkpoint._src.serialization import tensorstore_utils
 
 from moe_jax.errors import CheckpointWriteError, ConfigError
-from moe_jax.train import trainer
+from moe_jax.train import loop
 from moe_jax.train.workdir import resolve_workdir
 from tests.test_trainer import read_metrics, smoke_config
 
@@ -36,10 +36,10 @@ def test_resolve_workdir_refuses_a_file_and_an_uncreatable_parent(tmp_path):
 def test_relative_workdir_trains_resumes_and_evaluates(tmp_path, monkeypatch):
     """The README's failure: a relative workdir (Orbax wants absolute paths) from the current directory."""
     monkeypatch.chdir(tmp_path)
-    trainer.train_and_evaluate(smoke_config(num_train_steps=2, checkpoint_every=1), "runs/relative ü")
+    loop.train_and_evaluate(smoke_config(num_train_steps=2, checkpoint_every=1), "runs/relative ü")
     workdir = tmp_path / "runs" / "relative ü"
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
-    trainer.train_and_evaluate(smoke_config(num_train_steps=3, checkpoint_every=1), "runs/relative ü")
+    loop.train_and_evaluate(smoke_config(num_train_steps=3, checkpoint_every=1), "runs/relative ü")
     assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
 
 
@@ -56,7 +56,7 @@ def test_failed_background_save_stops_the_run_at_once(tmp_path, monkeypatch):
     workdir = tmp_path / "w"
     config = smoke_config(num_train_steps=12, checkpoint_every=2, log_every=1)
     with pytest.raises(CheckpointWriteError, match="disk full") as info:
-        trainer.train_and_evaluate(config, str(workdir))
+        loop.train_and_evaluate(config, str(workdir))
     assert "last good checkpoint is step 2" in str(info.value)
     steps = [r["step"] for r in read_metrics(workdir)]
     assert steps[-1] < 8, steps  # stopped within a step or two of the failure, not at the next save

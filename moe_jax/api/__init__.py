@@ -14,9 +14,15 @@ Three model families sit behind one class, one module each:
 
 All run on one device (no mesh); everything else (mesh, checkpoints, logging) is the job of
 ``python -m moe_jax.main``. Unless overridden, every Transformer block's FFN is an MoE layer.
+
+Bad input is a ``ValueError`` naming the argument (and the index of the first bad example) or, for
+``load``, the file and what is wrong with it, raised before any training or use
+(:mod:`moe_jax.api.saved`; catalogue: ``tests/test_bad_inputs_api.py``). ``predict`` or ``save`` before
+``train`` raise :class:`NotTrainedError`, a ``ValueError`` that is also a ``RuntimeError``.
 """
 
+from moe_jax.api._common import NotTrainedError
 from moe_jax.api.model import TASKS, SparseMoeModel
 from moe_jax.models.feature_classifier import FeatureClassifier
 
-__all__ = ["FeatureClassifier", "SparseMoeModel", "TASKS"]
+__all__ = ["FeatureClassifier", "NotTrainedError", "SparseMoeModel", "TASKS"]

@@ -2,13 +2,13 @@
 
 Features are standardized with the training set's mean and standard deviation and cut into tokens for a
 :class:`~moe_jax.models.feature_classifier.FeatureClassifier` (how features become tokens is described
-there); every update is :func:`moe_jax.train.step.classification_train_step`. Images ``[N, H, W, C]`` belong
+there); every update is the one :func:`moe_jax.train.step.train_step` over
+:func:`moe_jax.tasks.classification.feature_loss_sums`. Images ``[N, H, W, C]`` belong
 to ``task='image_classification'`` (``moe_jax/api/vision.py``).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.api._common import epoch_batches, label_indices, padded_chunks
+from moe_jax.api._common import check_classes, epoch_batches, label_indices, padded_chunks
+from moe_jax.api.saved import CLASSES, POSITIVE_INT, check_fields, finite_list
 from moe_jax.models.feature_classifier import FeatureClassifier
 
 FEATURE_TASK = "classification"
@@ -24,17 +25,56 @@ FEATURE_TASK = "classification"
 FEATURE_OPTIONS = {"patch_size": None}  # values per token of [N, F] features; default ceil(F / 8)
 _MAX_AUTO_TOKENS = 8
 
+_FEATURE_SHAPE = (
+    lambda v: isinstance(v, list) and len(v) in (1, 2) and all(POSITIVE_INT[0](d) for d in v),
+    "[features] or [L, features] (positive integers)",
+)
+
+
+def check_features_meta(meta: dict) -> None:
+    """Checks what ``save`` stored about the features (``ValueError`` naming the ``meta`` field)."""
+    check_fields(
+        "meta",
+        meta,
+        {
+            "feature_shape": _FEATURE_SHAPE,
+            "token_dim": POSITIVE_INT,
+            "num_tokens": POSITIVE_INT,
+            "classes": CLASSES,
+        },
+    )
+    shape, p, t = meta["feature_shape"], meta["token_dim"], meta["num_tokens"]
+    check_fields("meta", meta, {"mean": finite_list(shape[-1]), "std": finite_list(shape[-1], positive=True)})
+    cuts = (t - 1) * p < shape[0] <= t * p if len(shape) == 1 else [t, p] == shape
+    if not cuts:
+        raise ValueError(
+            f"meta.token_dim={p} and meta.num_tokens={t} do not cut meta.feature_shape={shape} into tokens"
+        )
+
 
 class FeatureTask:
     """The feature-classification part of :class:`~moe_jax.api.SparseMoeModel` (a mixin)."""
 
     def _check_features(self, data) -> np.ndarray:
+        if data is None or isinstance(data, str | bytes):
+            raise ValueError(
+                f"data must be a numeric array [N, features] or [N, L, features]; got {type(data).__name__}"
+            )
         try:
-            x = np.asarray(data, dtype=np.float32)
-        except (TypeError, ValueError) as e:
+            raw = np.asarray(data)
+        except ValueError as e:  # ragged nested lists
             raise ValueError(
                 f"data must be a numeric array [N, features] or [N, L, features] ({e})"
             ) from None
+        if raw.dtype.kind == "O":  # e.g. lists holding None: convertible entries become NaN below
+            try:
+                raw = raw.astype(np.float32)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"data must be numeric; got non-numeric entries ({e})") from None
+        if raw.dtype.kind not in "biuf":
+            raise ValueError(f"data must be numeric (int, float or bool); got dtype {raw.dtype}")
+        with np.errstate(over="ignore", invalid="ignore"):  # too large for float32: refused below
+            x = raw.astype(np.float32)
         if x.ndim == 4:
             raise ValueError(
                 f"data has shape {x.shape}, which looks like images [N, height, width, channels]; use "
@@ -45,8 +85,15 @@ class FeatureTask:
             raise ValueError(f"data must have shape [N, features] or [N, L, features]; got shape {x.shape}")
         if x.shape[0] == 0:
             raise ValueError("data is empty; pass at least one example")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("data holds NaN or infinite values")
+        if 0 in x.shape[1:]:
+            raise ValueError(f"data has shape {x.shape}: no features per example")
+        finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        if not finite.all():
+            i = int(np.argmin(finite))
+            raise ValueError(
+                f"data[{i}] holds NaN, infinite or missing values (or ones too large for float32); "
+                "fill or drop them"
+            )
         if self._meta:
             want = tuple(self._meta["feature_shape"])
             if x.shape[1:] != want:
@@ -63,13 +110,11 @@ class FeatureTask:
             rngs=rngs,
         )
 
-    def _features_step(self, graphdef, *, schedule, seed: int, lb_weight: float, z_weight: float):
-        from moe_jax.train import step as step_lib
+    @staticmethod
+    def _features_loss_sums(model, batch, *, dropout_key, deterministic):
+        from moe_jax.tasks.classification import feature_loss_sums
 
-        del schedule  # the step reports no learning rate
-        return functools.partial(
-            step_lib.classification_train_step, graphdef, seed=seed, lb_weight=lb_weight, z_weight=z_weight
-        )
+        return feature_loss_sums(model, batch, dropout_key=dropout_key, deterministic=deterministic)
 
     def _tokens(self, x: np.ndarray) -> np.ndarray:
         """Standardized features → ``float32[N, T, P]`` tokens."""
@@ -98,7 +143,7 @@ class FeatureTask:
                 "std": np.where(std > 1e-6, std, 1.0).tolist(),
                 "token_dim": int(token_dim),
                 "num_tokens": int(num_tokens),
-                "classes": np.unique(y).tolist(),
+                "classes": check_classes(y),
             }
             cfg = self._model_config(vocab_size=1, positions="learned", max_len=num_tokens)
             self._model = self._init(cfg)

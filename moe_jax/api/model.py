@@ -9,7 +9,7 @@ load.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import os
 from typing import Any
@@ -19,21 +19,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
-from moe_jax.api._common import check_int, check_labels, check_positive_float
-from moe_jax.api.features import FEATURE_OPTIONS, FEATURE_TASK, FeatureTask
-from moe_jax.api.seq2seq import SEQ2SEQ_OPTIONS, SEQ2SEQ_TASKS, Seq2SeqTask
+from moe_jax.api import saved
+from moe_jax.api._common import (
+    MOE_OPTIONS,
+    NotTrainedError,
+    build_config,
+    check_bool,
+    check_int,
+    check_labels,
+    check_no_unknown,
+    check_nonnegative_float,
+    check_positive_float,
+    split_model_overrides,
+)
+from moe_jax.api.features import FEATURE_OPTIONS, FEATURE_TASK, FeatureTask, check_features_meta
+from moe_jax.api.seq2seq import SEQ2SEQ_OPTIONS, SEQ2SEQ_TASKS, Seq2SeqTask, check_seq2seq_meta
 from moe_jax.api.vision import (
     IMAGE_OPTIONS,
     IMAGE_TASK,
     ImageTask,
     check_image_model_fields,
+    check_images_meta,
     image_model_fields,
 )
 from moe_jax.models.transformer import ModelConfig
 from moe_jax.models.vit import ViTConfig
 
 TASKS = (*SEQ2SEQ_TASKS, FEATURE_TASK, IMAGE_TASK)
-_FORMAT_VERSION = 1
+# 2: nested MoE config (model_config["moe"]) and one Block (ViT parameters self_attn / self_norm).
+_FORMAT_VERSION = 2
 # Options of every task that are not architecture fields: loss and optimizer knobs.
 _COMMON_OPTIONS = {
     "lb_weight": 0.01,  # load-balancing loss weight
@@ -43,6 +57,7 @@ _COMMON_OPTIONS = {
 # The Transformer tasks (seq2seq and feature classification) have always accepted each other's options.
 _TRANSFORMER_OPTIONS = {**SEQ2SEQ_OPTIONS, **FEATURE_OPTIONS, **_COMMON_OPTIONS}
 _IMAGE_OPTIONS = {**IMAGE_OPTIONS, **_COMMON_OPTIONS}
+_TRAIN_ARGS = ("data", "labels", "epochs", "learning_rate", "batch_size", "verbose")
 
 
 class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
@@ -84,17 +99,20 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         num_layers: Transformer blocks (per stack: the encoder-decoder has ``num_layers`` of each).
         capacity_factor: expert capacity relative to a perfectly balanced load; ``None`` is dropless.
         seed: initialisation, dropout and data-order seed.
-        **model_overrides: for the Transformer tasks, any other :class:`~moe_jax.models.ModelConfig` field
-            (``num_heads`` default 4, ``d_ff`` default ``2 * d_model``, ``moe_every`` default 1 = every
-            block MoE, ``router``, ``activation``, ``dropout_rate``,
-            ``num_encoder_layers``/``num_decoder_layers`` ...), and ``vocab_size`` (SentencePiece size,
-            default 1000; smaller corpora get fewer pieces), ``max_input_len``/``max_target_len`` (default:
-            the longest training example, capped at 128), ``patch_size`` (classification of ``[N, F]``:
-            values per token). For images, any :class:`~moe_jax.models.vit.ViTConfig` field except those
-            the data decides (``num_heads``, ``d_ff``, ``moe_layers`` default every block,
-            ``eval_capacity_factor`` default ``2 * capacity_factor``, ``group_size`` default one image,
-            ``batch_prioritized`` ...) and ``patch_size`` (pixels; default: the divisor of the image side
-            giving about 16 patches). Every task: ``lb_weight``, ``z_weight``, ``warmup_steps``.
+        **model_overrides: flat keyword arguments. Any :class:`~moe_jax.models.MoeConfig` field by its name
+            (``router``, ``eval_capacity_factor``, ``group_size``, ``batch_prioritized``, ``jitter_noise``
+            ...), except ``moe_d_ff`` (expert width, default ``d_ff``) and ``moe_layers`` (the MoE blocks,
+            default every block). For the Transformer tasks, any other :class:`~moe_jax.models.ModelConfig`
+            field (``num_heads`` default 4, ``d_ff`` default ``2 * d_model``, ``activation``,
+            ``dropout_rate``, ``num_encoder_layers``/``num_decoder_layers`` ...), and ``vocab_size``
+            (SentencePiece size, default 1000; smaller corpora get fewer pieces),
+            ``max_input_len``/``max_target_len`` (default: the longest training example, capped at 128),
+            ``patch_size`` (classification of ``[N, F]``: values per token). For images, any
+            :class:`~moe_jax.models.ViTConfig` field except those the data decides (``num_heads``,
+            ``d_ff`` ...; ``eval_capacity_factor`` defaults to ``2 * capacity_factor``, ``group_size`` to
+            one image, ``batch_prioritized`` to True) and ``patch_size`` (pixels; default: the divisor of
+            the image side giving about 16 patches). Every task: ``lb_weight``, ``z_weight``,
+            ``warmup_steps``.
 
     Raises:
         ValueError: naming the offending argument (unknown task, ``top_k > num_experts``, unknown override,
@@ -112,7 +130,7 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         seed: int = 0,
         **model_overrides,
     ):
-        if task not in TASKS:
+        if not isinstance(task, str) or task not in TASKS:
             raise ValueError(f"task={task!r} is unknown; choose one of {TASKS}")
         num_experts = check_int("num_experts", num_experts, 1)
         if (
@@ -126,49 +144,49 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         if capacity_factor is not None:
             capacity_factor = check_positive_float("capacity_factor", capacity_factor)
         seed = check_int("seed", seed, 0)
+        moe = {"num_experts": num_experts, "top_k": int(top_k), "capacity_factor": capacity_factor}
         if task == IMAGE_TASK:
-            fields, model = image_model_fields(
-                d_model=d_model,
-                num_layers=num_layers,
-                num_experts=num_experts,
-                top_k=int(top_k),
-                capacity_factor=capacity_factor,
+            fields, model, moe_defaults = image_model_fields(
+                d_model=d_model, num_layers=num_layers, capacity_factor=capacity_factor
             )
+            moe.update(moe_defaults)
             options, kind = _IMAGE_OPTIONS, "ViTConfig"
         else:
-            fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+            fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size", "moe"}
             model = {
                 "d_model": d_model,
                 "num_heads": 4 if d_model % 4 == 0 else 1,
                 "d_ff": 2 * d_model,
                 "num_encoder_layers": num_layers,
-                "num_decoder_layers": num_layers,
-                "moe_every": 1,
-                "moe_offset": 0,
-                "num_experts": num_experts,
-                "top_k": int(top_k),
-                "capacity_factor": capacity_factor,
+                # The feature classifier is an encoder: no decoder blocks (so no causal-routing limits).
+                "num_decoder_layers": 0 if task == FEATURE_TASK else num_layers,
             }
             options, kind = _TRANSFORMER_OPTIONS, "ModelConfig"
-        unknown = sorted(set(model_overrides) - fields - set(options))
+        unknown = sorted(set(model_overrides) - fields - set(MOE_OPTIONS) - set(options))
         if unknown:
             raise ValueError(
-                f"unknown model_overrides {unknown} for task={task!r}; choose {kind} fields {sorted(fields)} "
-                f"or {sorted(options)}"
+                f"unknown model_overrides {unknown} for task={task!r}; choose {kind} fields "
+                f"{sorted(fields)}, MoE fields {sorted(MOE_OPTIONS)} or {sorted(options)}"
             )
-        extras = dict(options)
-        for k, v in model_overrides.items():
-            (extras if k in options else model)[k] = v
+        extras = split_model_overrides(model_overrides, model, moe, options)
+        if "layers" not in moe:  # every block MoE unless moe_layers says otherwise
+            depth = model.get(
+                "num_layers", max(model.get("num_encoder_layers", 0), model.get("num_decoder_layers", 0))
+            )
+            moe["layers"] = tuple(range(depth))
+        model["moe"] = moe
+        check_int("num_heads", model["num_heads"], 1)
         if not model.get("head_dim") and d_model % model["num_heads"]:
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={model['num_heads']}")
         for name in ("vocab_size", "max_input_len", "max_target_len", "patch_size", "warmup_steps"):
             if extras.get(name) is not None:
                 check_int(name, extras[name], 0 if name == "warmup_steps" else 1)
         for name in ("lb_weight", "z_weight"):
-            if not isinstance(extras[name], int | float) or extras[name] < 0:
-                raise ValueError(f"{name}={extras[name]!r} must be a number >= 0")
+            check_nonnegative_float(name, extras[name])
         if task == IMAGE_TASK:
             check_image_model_fields(model)
+        else:
+            build_config(ModelConfig, model, vocab_size=1)
         self.task, self.seed = task, seed
         self._init_args = {
             "task": task,
@@ -207,6 +225,7 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         learning_rate: float = 1e-3,
         batch_size: int = 32,
         verbose: bool = False,
+        **unknown,
     ) -> dict[str, list[float]]:
         """Trains the model (a second call continues from the current weights with a fresh optimizer).
 
@@ -224,13 +243,18 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
             the weighted router losses) and of the (token) accuracy.
 
         Raises:
-            ValueError: naming the argument (empty ``data``, ``len(data) != len(labels)``, non-positive
-                ``epochs``/``learning_rate``/``batch_size``, wrong types or shapes, a ``patch_size`` that
-                does not divide the image size).
+            ValueError: naming the argument and, for a bad example, its index: empty ``data``, empty or
+                whitespace-only texts, ``None``/NaN/fractional labels, a single class, NaN or infinite
+                features or pixels, ``len(data) != len(labels)``, wrong types, ranks or shapes,
+                non-positive ``epochs``/``learning_rate``/``batch_size``, unknown keyword arguments, a
+                ``patch_size`` that does not divide the image size, a ``vocab_size`` too small for the texts.
+                A call that raises leaves the model as it was.
         """
+        check_no_unknown("train", unknown, _TRAIN_ARGS)
         epochs = check_int("epochs", epochs, 1)
         learning_rate = check_positive_float("learning_rate", learning_rate)
         batch_size = check_int("batch_size", batch_size, 1)
+        verbose = check_bool("verbose", verbose)
         if self.is_seq2seq:
             inputs, targets = self._check_texts(data, "data"), self._check_texts(labels, "labels")
         elif self.task == IMAGE_TASK:
@@ -243,18 +267,26 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         steps_per_epoch = math.ceil(len(inputs) / batch_size)
         total = epochs * steps_per_epoch
         seed = self.seed + self._train_calls
-        self._train_calls += 1
-        if self.is_seq2seq:
-            batches, model = self._prepare_seq2seq(inputs, targets, batch_size, seed)
-        elif self.task == IMAGE_TASK:
-            batches, model = self._prepare_images(inputs, targets, batch_size, seed, epochs)
-        else:
-            batches, model = self._prepare_features(inputs, targets, batch_size, seed, epochs)
-        history = self._fit(model, batches, total, steps_per_epoch, learning_rate, seed, verbose)
+        # A call that fails (a label unseen at a second call, a model the data cannot build, a step that
+        # does not compile, e.g. a group_size that does not divide the batch) leaves the model as it was:
+        # no half-set data shaping, no tokenizer without a model.
+        before = (self._model, self._meta, self._tokenizer, self._train_calls, self._predict_fn)
+        try:
+            self._train_calls += 1
+            if self.is_seq2seq:
+                batches, model = self._prepare_seq2seq(inputs, targets, batch_size, seed)
+            elif self.task == IMAGE_TASK:
+                batches, model = self._prepare_images(inputs, targets, batch_size, seed, epochs)
+            else:
+                batches, model = self._prepare_features(inputs, targets, batch_size, seed, epochs)
+            history = self._fit(model, batches, total, steps_per_epoch, learning_rate, seed, verbose)
+        except Exception:
+            self._model, self._meta, self._tokenizer, self._train_calls, self._predict_fn = before
+            raise
         self._predict_fn = None
         return history
 
-    def predict(self, data, *, batch_size: int = 64):
+    def predict(self, data, *, batch_size: int = 64, **unknown):
         """Predicts outputs for ``data``.
 
         Args:
@@ -266,11 +298,15 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
             classification: a NumPy array ``[N]`` of labels.
 
         Raises:
-            RuntimeError: the model is not trained yet.
-            ValueError: ``data`` has the wrong type or shape (images: names ``channels`` or ``image_size``).
+            NotTrainedError: (a ``ValueError`` and a ``RuntimeError``) the model is not trained yet.
+            ValueError: ``data`` has the wrong type or shape (the feature shape the model was trained on;
+                images: names ``channels`` or ``image_size``), or an unknown keyword argument.
         """
+        check_no_unknown("predict", unknown, ("data", "batch_size"))
         if self._model is None:
-            raise RuntimeError("the model is not trained yet: call train() (or SparseMoeModel.load()) first")
+            raise NotTrainedError(
+                "the model is not trained yet: call train() (or SparseMoeModel.load()) before predict()"
+            )
         batch_size = check_int("batch_size", batch_size, 1)
         if self.is_seq2seq:
             return self._predict_seq2seq(self._check_texts(data, "data"), batch_size)
@@ -283,15 +319,16 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
 
         Files: ``config.json`` (constructor arguments, architecture, data shaping: lengths, feature or pixel
         standardization, image size and patch size, classes), ``state.msgpack`` (every model variable, Flax
-        msgpack) and, for seq2seq, ``tokenizer.model`` (SentencePiece).
+        msgpack) and, for seq2seq, ``tokenizer.model`` (SentencePiece). Each file is written to a temporary
+        name and renamed, so a failed save never leaves a half-written file in place of a good one.
 
         Raises:
-            RuntimeError: the model is not trained yet.
+            NotTrainedError: (a ``ValueError`` and a ``RuntimeError``) the model is not trained yet.
+            ValueError: ``directory`` is an existing file or cannot be created or written.
         """
         if self._model is None:
-            raise RuntimeError("the model is not trained yet: nothing to save")
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
+            raise NotTrainedError("the model is not trained yet: nothing to save; call train() first")
+        directory = saved.save_directory(directory)
         config = {
             "format": _FORMAT_VERSION,
             "init_args": self._init_args,
@@ -299,38 +336,77 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
             "meta": self._meta,
             "train_calls": self._train_calls,
         }
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(config, f, indent=1, default=str)
+        config_bytes = saved.config_bytes(config)
         pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(self._model)))
-        with open(os.path.join(directory, "state.msgpack"), "wb") as f:
-            f.write(serialization.msgpack_serialize(pure))
+        state_bytes = serialization.msgpack_serialize(pure)
+        # The state first and config.json last: a directory with a new config.json has its new state too.
+        saved.write_atomic(os.path.join(directory, saved.STATE), state_bytes)
         if self._tokenizer is not None:
-            self._tokenizer.save(os.path.join(directory, "tokenizer.model"))
+            saved.write_atomic(os.path.join(directory, saved.TOKENIZER), self._tokenizer.model_proto)
+        saved.write_atomic(os.path.join(directory, saved.CONFIG), config_bytes)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SparseMoeModel:
         """Restores a model written by :meth:`save`; it predicts exactly as the saved one did.
 
+        Every file is checked before the model is returned, and loading only reads the directory.
+
         Raises:
-            FileNotFoundError: ``directory`` holds no saved model.
-            ValueError: the files are from an unknown format version.
+            ValueError: naming the directory or file and what is wrong: a missing directory, a missing,
+                empty or damaged ``config.json`` / ``state.msgpack`` / ``tokenizer.model``, an unknown
+                format version, a config that does not describe a valid model, or a state that does not
+                fit it (the tensor and both shapes).
         """
-        directory = os.fspath(directory)
-        with open(os.path.join(directory, "config.json")) as f:
-            config = json.load(f)
-        if config.get("format") != _FORMAT_VERSION:
-            raise ValueError(f"{directory}: unknown saved-model format {config.get('format')!r}")
-        m = cls(**config["init_args"])
-        m._meta, m._train_calls = config["meta"], int(config.get("train_calls", 1))
-        cfg = (ViTConfig if m.task == IMAGE_TASK else ModelConfig)(**config["model_config"])
+        directory = saved.load_directory(directory)
+        config_path = os.path.join(directory, saved.CONFIG)
+        config = saved.read_config(directory, _FORMAT_VERSION)
+        try:
+            m = cls(**config["init_args"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"{config_path}: init_args are not valid SparseMoeModel arguments ({e})"
+            ) from None
+        cfg_cls = ViTConfig if m.task == IMAGE_TASK else ModelConfig
+        try:
+            cfg = cfg_cls.from_mapping(config["model_config"], path="model_config")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{config_path}: model_config is not a valid {cfg_cls.__name__} ({e})") from None
+        meta = config["meta"]
         if m.is_seq2seq:
             from moe_jax.data.tokenizer import Tokenizer
 
-            m._tokenizer = Tokenizer.load(os.path.join(directory, "tokenizer.model"))
-        abstract = nnx.eval_shape(lambda: m._build(cfg))
+            tokenizer_path = os.path.join(directory, saved.TOKENIZER)
+            proto = saved.read_bytes(directory, saved.TOKENIZER)
+            try:
+                m._tokenizer = Tokenizer(proto)
+            except Exception as e:  # SentencePiece raises RuntimeError (or worse) on a bad proto
+                raise ValueError(
+                    f"{tokenizer_path} is damaged: not a SentencePiece model of this project ({e})"
+                ) from None
+            if m._tokenizer.vocab_size != cfg.vocab_size:
+                raise ValueError(
+                    f"{tokenizer_path} does not match {saved.CONFIG}: it has {m._tokenizer.vocab_size} "
+                    f"pieces but model_config.vocab_size={cfg.vocab_size} (damaged, or from another model)"
+                )
+        try:
+            if m.is_seq2seq:
+                check_seq2seq_meta(meta)
+            elif m.task == IMAGE_TASK:
+                check_images_meta(meta, cfg)
+            else:
+                check_features_meta(meta)
+        except ValueError as e:
+            raise ValueError(f"{config_path} is damaged or edited: {e}") from None
+        m._meta, m._train_calls = meta, int(config.get("train_calls", 1))
+        try:
+            abstract = nnx.eval_shape(lambda: m._build(cfg))
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{config_path}: the model it describes cannot be built ({e})") from None
         graphdef, state = nnx.split(abstract)
-        with open(os.path.join(directory, "state.msgpack"), "rb") as f:
-            pure = serialization.msgpack_restore(f.read())
+        state_path = os.path.join(directory, saved.STATE)
+        pure = saved.restore_state(
+            state_path, saved.read_bytes(directory, saved.STATE), nnx.to_pure_dict(state)
+        )
         nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
         m._model = nnx.merge(graphdef, state)
         return m
@@ -353,7 +429,7 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         return nnx.merge(graphdef, jax.jit(lambda: nnx.state(self._build(cfg)))())
 
     def _model_config(self, **fields) -> ModelConfig:
-        return ModelConfig.from_mapping({**self._model_fields, **fields})
+        return build_config(ModelConfig, self._model_fields, **fields)
 
     # ------------------------------------------------------------------ the loop
 
@@ -378,15 +454,17 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
             total,
         )
         graphdef, state = step_lib.create_train_state(model, tx)
-        make_step = (
-            self._seq2seq_step
+        loss_sums = (
+            self._seq2seq_loss_sums
             if self.is_seq2seq
-            else self._images_step
+            else self._images_loss_sums
             if self.task == IMAGE_TASK
-            else self._features_step
+            else self._features_loss_sums
         )
-        step_fn = make_step(
+        step_fn = functools.partial(
+            step_lib.train_step,
             graphdef,
+            loss_sums=loss_sums,
             schedule=schedule,
             seed=seed,
             lb_weight=float(self._extras["lb_weight"]),

@@ -2,20 +2,20 @@
 
 A SentencePiece vocabulary is trained on the training strings
 (:func:`moe_jax.data.pipeline.seq2seq_data_from_pairs`), the model is the project's
-:class:`~moe_jax.models.Seq2SeqTransformer`, every update is the trainer's own
-:func:`moe_jax.train.step.train_step` (same loss, load-balancing and z-loss terms, non-finite guard) and
+:class:`~moe_jax.models.Seq2SeqTransformer`, every update is the one :func:`moe_jax.train.step.train_step`
+over the seq2seq task's loss (same loss, load-balancing and z-loss terms, non-finite guard) and
 prediction is the trainer's greedy decoding (:func:`moe_jax.train.decode.greedy_decode`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
+from moe_jax.api.saved import POSITIVE_INT, check_fields
 from moe_jax.models.transformer import Seq2SeqTransformer
 
 SEQ2SEQ_TASKS = ("translation", "summarization", "seq2seq")
@@ -26,6 +26,11 @@ SEQ2SEQ_OPTIONS = {
     "max_target_len": None,  # target/decoding tokens; default: longest training target
 }
 _MAX_AUTO_LEN = 128
+
+
+def check_seq2seq_meta(meta: dict) -> None:
+    """Checks the stored lengths (``ValueError`` naming the ``meta`` field)."""
+    check_fields("meta", meta, {"max_input_len": POSITIVE_INT, "max_target_len": POSITIVE_INT})
 
 
 class Seq2SeqTask:
@@ -40,39 +45,44 @@ class Seq2SeqTask:
         values = list(values)
         if not values:
             raise ValueError(f"{name} is empty; pass at least one example")
-        bad = [i for i, v in enumerate(values) if not isinstance(v, str | np.str_)]
-        if bad:
-            raise ValueError(f"{name}[{bad[0]}] is {type(values[bad[0]]).__name__}, not a string")
+        for i, v in enumerate(values):
+            if not isinstance(v, str | np.str_):
+                raise ValueError(f"{name}[{i}] is {type(v).__name__} ({v!r:.40}), not a string")
+            if not v.strip():
+                raise ValueError(
+                    f"{name}[{i}]={v!r:.40} is empty or only whitespace; every example needs some text"
+                )
         return [str(v) for v in values]
 
     def _build_seq2seq(self, cfg, rngs: nnx.Rngs) -> nnx.Module:
         return Seq2SeqTransformer(cfg, bos_id=self._tokenizer.bos_id, rngs=rngs)
 
-    def _seq2seq_step(self, graphdef, *, schedule, seed: int, lb_weight: float, z_weight: float):
-        from moe_jax.train import step as step_lib
+    @staticmethod
+    def _seq2seq_loss_sums(model, batch, *, dropout_key, deterministic):
+        from moe_jax.tasks import seq2seq
 
-        return functools.partial(
-            step_lib.train_step,
-            graphdef,
-            schedule=schedule,
-            seed=seed,
-            skip_nonfinite=True,
-            lb_weight=lb_weight,
-            z_weight=z_weight,
-        )
+        return seq2seq.loss_sums(model, batch, dropout_key=dropout_key, deterministic=deterministic)
 
     def _prepare_seq2seq(self, inputs, targets, batch_size, seed):
         from moe_jax.data.pipeline import seq2seq_data_from_pairs
 
         pairs = list(zip(inputs, targets))
         vocab = self._extras["vocab_size"] or 1000
-        data = seq2seq_data_from_pairs(
-            {"train": pairs},
-            max_input_len=self._meta.get("max_input_len", 1),
-            max_target_len=self._meta.get("max_target_len", 1),
-            vocab_size=vocab,
-            tokenizer=self._tokenizer,
-        )
+        try:
+            data = seq2seq_data_from_pairs(
+                {"train": pairs},
+                max_input_len=self._meta.get("max_input_len", 1),
+                max_target_len=self._meta.get("max_target_len", 1),
+                vocab_size=vocab,
+                tokenizer=self._tokenizer,
+            )
+        except RuntimeError as e:  # SentencePiece training refused the corpus
+            detail = str(e).split("] ", 1)[-1].strip()
+            hint = "raise vocab_size" if "Vocabulary size" in detail else "check data and labels"
+            raise ValueError(
+                f"vocab_size={vocab}: SentencePiece cannot build a vocabulary from these texts "
+                f"({detail}); {hint}"
+            ) from None
         if self._model is None:
             self._tokenizer = data.tokenizer
             lengths = [len(ids) + 1 for ids in data.tokenizer.encode_batch(inputs)]
@@ -125,5 +135,5 @@ class Seq2SeqTask:
             ids = decode_lib.to_token_lists(
                 jax.device_get(self._predict_fn(state, batch["inputs"])), tok.eos_id
             )
-            out += [tok.decode(row) for row, w in zip(ids, batch["weights"]) if w > 0]
+            out += [tok.decode(row) for row, w in zip(ids, batch["row_weight"]) if w > 0]
         return out

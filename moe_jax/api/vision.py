@@ -1,8 +1,8 @@
 """Image classification in the quick API (``task='image_classification'``): NumPy images ``[N, H, W, C]``.
 
 The model is the project's V-MoE Vision Transformer (:class:`~moe_jax.models.vit.ViTClassifier`) and every
-update is the vision trainer's own step (:func:`moe_jax.train.vision_tasks.train_step` over
-:func:`~moe_jax.train.vision_tasks.classification_loss`), so the quick API and
+update is the one :func:`moe_jax.train.step.train_step` over the classification loss sums
+(:func:`moe_jax.tasks.classification.rows_loss_sums`), so the quick API and
 ``configs/image_classification.py`` train the same model the same way.
 
 What the first :meth:`~moe_jax.api.SparseMoeModel.train` call decides from the data (and ``save`` stores):
@@ -16,8 +16,8 @@ What the first :meth:`~moe_jax.api.SparseMoeModel.train` call decides from the d
   patches (ties go to more patches), e.g. 2 for 8×8 digits, 7 for 28×28, 8 for 32×32. A ``patch_size``
   that does not divide the image side is refused with a message naming both.
 
-Routing: unless overridden, every block's MLP is an MoE layer, each image is its own routing group (so a
-prediction never depends on the other images of its batch) and capacity at evaluation is
+Routing: unless overridden, every block's MLP is a batch-prioritized MoE layer, each image is its own routing
+group (so a prediction never depends on the other images of its batch) and capacity at evaluation is
 ``2 · capacity_factor`` (V-MoE evaluates with a larger capacity than it trains with). A ``group_size``
 override that spans images pools capacity across them, as ``configs/image_classification.py`` does; it
 must divide ``batch_size × patches``, and predictions then depend on which images share a batch.
@@ -34,7 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.api._common import epoch_batches, label_indices, padded_chunks
+from moe_jax.api._common import (
+    build_config,
+    check_classes,
+    epoch_batches,
+    label_indices,
+    padded_chunks,
+)
+from moe_jax.api.saved import BOOL, CLASSES, POSITIVE_INT, check_fields, finite_list
 from moe_jax.models.vit import ViTClassifier, ViTConfig
 
 IMAGE_TASK = "image_classification"
@@ -56,28 +63,54 @@ def default_patch_size(image_size: int) -> int:
 
 
 def image_model_fields(
-    *, d_model: int, num_layers: int, num_experts: int, top_k: int, capacity_factor: float | None
-) -> tuple[set[str], dict]:
-    """(ViTConfig fields a user may override, the quick API's defaults for them)."""
-    names = {f.name for f in dataclasses.fields(ViTConfig)} - set(_DATA_FIELDS)
+    *, d_model: int, num_layers: int, capacity_factor: float | None
+) -> tuple[set[str], dict, dict]:
+    """(ViTConfig fields a user may override, the quick API's defaults for them, its MoE defaults)."""
+    names = {f.name for f in dataclasses.fields(ViTConfig)} - set(_DATA_FIELDS) - {"moe"}
     defaults = {
         "d_model": d_model,
         "num_heads": 4 if d_model % 4 == 0 else 1,
         "d_ff": 2 * d_model,
         "num_layers": num_layers,
-        "moe_layers": tuple(range(num_layers)),
-        "num_experts": num_experts,
-        "top_k": top_k,
-        "capacity_factor": capacity_factor,
+    }
+    moe = {
         "eval_capacity_factor": None if capacity_factor is None else 2.0 * capacity_factor,
+        "batch_prioritized": True,
         "group_size": None,
     }
-    return names, defaults
+    return names, defaults, moe
 
 
 def check_image_model_fields(model: dict) -> None:
-    """Validates the architecture before any data is seen (the errors name the field)."""
-    ViTConfig.from_mapping(model, image_size=1, patch_size=1, channels=1, num_classes=1)
+    """Validates the architecture before any data is seen (the errors name the argument)."""
+    build_config(ViTConfig, model, image_size=1, patch_size=1, channels=1, num_classes=1)
+
+
+def check_images_meta(meta: dict, cfg: ViTConfig) -> None:
+    """Checks the stored image shaping against the ViT config (``ValueError`` naming the field)."""
+    check_fields(
+        "meta",
+        meta,
+        {
+            "image_size": POSITIVE_INT,
+            "channels": POSITIVE_INT,
+            "patch_size": POSITIVE_INT,
+            "uint8": BOOL,
+            "classes": CLASSES,
+        },
+    )
+    channels = meta["channels"]
+    check_fields("meta", meta, {"mean": finite_list(channels), "std": finite_list(channels, positive=True)})
+    if meta["image_size"] % meta["patch_size"]:
+        raise ValueError(
+            f"meta.patch_size={meta['patch_size']} does not divide meta.image_size={meta['image_size']}"
+        )
+    pairs = [(k, meta[k], getattr(cfg, k)) for k in ("image_size", "channels", "patch_size")]
+    pairs.append(("num_classes", len(meta["classes"]), cfg.num_classes))
+    for name, stored, model in pairs:
+        if stored != model:
+            what = f"meta.{name}={stored}" if name != "num_classes" else f"meta.classes has {stored} classes"
+            raise ValueError(f"{what} but model_config.{name}={model}")
 
 
 def pixel_statistics(images: np.ndarray) -> dict:
@@ -112,7 +145,12 @@ class ImageTask:
     """The image-classification part of :class:`~moe_jax.api.SparseMoeModel` (a mixin)."""
 
     def _check_images(self, data) -> np.ndarray:
-        x = np.asarray(data)
+        if data is None or isinstance(data, str | bytes):
+            raise ValueError(f"data must be images [N, height, width, channels]; got {type(data).__name__}")
+        try:
+            x = np.asarray(data)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"data must be images [N, height, width, channels] of one size ({e})") from None
         if x.dtype.kind not in "uifb":
             raise ValueError(f"data must be numeric images [N, height, width, channels]; got dtype {x.dtype}")
         if x.ndim != 4:
@@ -120,13 +158,20 @@ class ImageTask:
             raise ValueError(f"data must be images [N, height, width, channels]; got shape {x.shape}{hint}")
         if x.shape[0] == 0:
             raise ValueError("data is empty; pass at least one image")
+        if 0 in x.shape[1:]:
+            raise ValueError(
+                f"data has shape {x.shape}: images need a height, width and channels of at least 1"
+            )
         if x.shape[1] != x.shape[2]:
             raise ValueError(
                 f"data holds {x.shape[1]}x{x.shape[2]} images; image_classification needs square images "
                 "(one image_size): crop or resize them"
             )
-        if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
-            raise ValueError("data holds NaN or infinite values")
+        if x.dtype.kind == "f":
+            finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+            if not finite.all():
+                i = int(np.argmin(finite))
+                raise ValueError(f"data[{i}] holds NaN or infinite pixel values; fill or drop that image")
         if self._meta:
             meta = self._meta
             if x.shape[-1] != meta["channels"]:
@@ -151,12 +196,14 @@ class ImageTask:
     def _build_images(self, cfg: ViTConfig, rngs: nnx.Rngs) -> nnx.Module:
         return ViTClassifier(cfg, rngs=rngs)
 
-    def _images_step(self, graphdef, *, schedule, seed: int, lb_weight: float, z_weight: float):
-        from moe_jax.train import vision_tasks
+    @staticmethod
+    def _images_loss_sums(model, batch, *, dropout_key, deterministic):
+        from moe_jax.tasks.classification import rows_loss_sums
 
-        del seed  # the ViT has no dropout
-        loss_fn = functools.partial(vision_tasks.classification_loss, lb_weight=lb_weight, z_weight=z_weight)
-        return functools.partial(vision_tasks.train_step, graphdef, loss_fn=loss_fn, schedule=schedule)
+        del dropout_key  # the ViT has no dropout
+        logits_BQ, aux = model(batch["image"], deterministic=deterministic)
+        labels_B = batch["label"]
+        return rows_loss_sums(logits_BQ, labels_B, jnp.ones(labels_B.shape, jnp.float32), 0.0), aux
 
     def _prepare_images(self, x, y, batch_size, seed, epochs):
         if self._model is None:
@@ -173,9 +220,10 @@ class ImageTask:
                 "channels": channels,
                 "patch_size": patch,
                 **pixel_statistics(x),
-                "classes": np.unique(y).tolist(),
+                "classes": check_classes(y),
             }
-            cfg = ViTConfig.from_mapping(
+            cfg = build_config(
+                ViTConfig,
                 self._model_fields,
                 image_size=side,
                 patch_size=patch,

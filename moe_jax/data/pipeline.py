@@ -5,7 +5,7 @@ The trainer sees one interface whatever the corpus::
     data = make_seq2seq_data(config.data, data_dir=DIR, seed=0)
     it = data.train_iter(batch_size=64, seed=0)        # grain.DatasetIterator, infinite, checkpointable
     batch = next(it)                                   # {'inputs': int32[B, Li], 'targets': int32[B, Lt]}
-    for batch in data.eval_batches('test', 64):        # + 'inputs_text', 'targets_text', 'weights'
+    for batch in data.eval_batches('test', 64):        # + 'inputs_text', 'targets_text', 'row_weight'
         ...
 
 Token rows end with EOS (truncation keeps it) and are right-padded with PAD (0). The offline corpora are
@@ -176,8 +176,8 @@ class Seq2SeqData:
     ) -> Iterator[dict[str, Any]]:
         """Yields a split once, in stored order, with texts and weights.
 
-        The last batch is filled with all-PAD rows (``weights`` 0, texts ``''``) so every batch has the same
-        shape and compiled eval steps are reused.
+        The last batch is filled with all-PAD rows (``row_weight`` 0, texts ``''``) so every batch has the
+        same shape and compiled eval steps are reused.
 
         Args:
           split: ``'train'``, ``'validation'`` or ``'test'``.
@@ -185,7 +185,7 @@ class Seq2SeqData:
           max_examples: evaluate only the first this many examples.
 
         Yields:
-          ``{'inputs': int32[B, Li], 'targets': int32[B, Lt], 'weights': float32[B], 'inputs_text': [str],
+          ``{'inputs': int32[B, Li], 'targets': int32[B, Lt], 'row_weight': float32[B], 'inputs_text': [str],
           'targets_text': [str]}``.
         """
         source = self.sources[split]
@@ -199,7 +199,7 @@ class Seq2SeqData:
             yield {
                 "inputs": np.pad(arrays["inputs"], ((0, pad), (0, 0))),
                 "targets": np.pad(arrays["targets"], ((0, pad), (0, 0))),
-                "weights": np.array([1.0] * len(pairs) + [0.0] * pad, np.float32),
+                "row_weight": np.array([1.0] * len(pairs) + [0.0] * pad, np.float32),
                 "inputs_text": [p[0] for p in pairs] + [""] * pad,
                 "targets_text": [p[1] for p in pairs] + [""] * pad,
             }

@@ -4,14 +4,14 @@ Classification (offline ``sklearn_digits``, or prepared TFDS ``cifar10`` / ``ima
 
     data = make_image_data(config.data, data_dir=DIR)
     batch = next(data.train_iter(64, seed=0))   # {'image': float32[B, H, W, C] in [-1, 1], 'label': int32[B]}
-    for batch in data.eval_batches('test', 64): # + 'weights' float32[B] (0 on padding rows)
+    for batch in data.eval_batches('test', 64): # + 'row_weight' float32[B] (0 on padding rows)
 
 Vision-language (offline ``shapes_scenes``, or prepared TFDS ``coco_captions``)::
 
     data = make_vlm_data(config.data, data_dir=DIR)
     batch = next(data.train_iter(64, seed=0))
     # {'image', 'text': int32[B, T] (inputs), 'targets': int32[B, T] (text shifted left),
-    #  'weights': float32[B, T] (1 on the answer / caption tokens and EOS: the loss is on text only)}
+    #  'token_weight': float32[B, T] (1 on the answer / caption tokens and EOS: the loss is on text only)}
     for batch in data.eval_batches('test', 64, kind='vqa'): # + 'prompt', 'prompt_len', 'target_text', ...
 
 A training visit to a scene draws one task: its caption (probability ``caption_prob``) or one of its
@@ -234,13 +234,13 @@ class ImageClassificationData:
     def eval_batches(
         self, split: str, batch_size: int, *, max_examples: int | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
-        """A split once, in stored order; the last batch is padded with ``weights`` 0 rows."""
+        """A split once, in stored order; the last batch is padded with ``row_weight`` 0 rows."""
         source = self.sources[split]
         n = len(source) if not max_examples else min(max_examples, len(source))
         for start in range(0, n, batch_size):
             rows = [self._example(e) for e in _read_all(source, range(start, min(start + batch_size, n)))]
             batch = {k: np.stack([r[k] for r in rows]) for k in ("image", "label")}
-            batch["weights"] = np.ones(len(rows), np.float32)
+            batch["row_weight"] = np.ones(len(rows), np.float32)
             yield _pad_batch(batch, batch_size)
 
 
@@ -311,12 +311,12 @@ def encode_task(
     """One text example of a task as padded arrays.
 
     The full sequence is ``[BOS, <caption>] target [EOS]`` or ``[BOS, <question>] prompt [<answer>] target
-    [EOS]``. ``text`` is the sequence without its last token, ``targets`` without its first; ``weights``
+    [EOS]``. ``text`` is the sequence without its last token, ``targets`` without its first; ``token_weight``
     marks the target words and EOS. Rows longer than ``max_len`` lose the end of the target.
 
     Returns:
-        ``text``, ``targets`` (int32[max_len]), ``weights`` (float32[max_len]), ``prompt`` (int32[max_len],
-        the prompt alone), ``prompt_len`` (int32).
+        ``text``, ``targets`` (int32[max_len]), ``token_weight`` (float32[max_len]), ``prompt``
+        (int32[max_len], the prompt alone), ``prompt_len`` (int32).
     """
     if kind == "caption":
         prompt_ids = [BOS_ID, CAPTION_ID]
@@ -327,8 +327,8 @@ def encode_task(
     out = {k: np.zeros(max_len, np.int32) for k in ("text", "targets", "prompt")}
     out["text"][: len(full) - 1] = full[:-1]
     out["targets"][: len(full) - 1] = full[1:]
-    out["weights"] = np.zeros(max_len, np.float32)
-    out["weights"][len(prompt_ids) - 1 : len(full) - 1] = 1.0
+    out["token_weight"] = np.zeros(max_len, np.float32)
+    out["token_weight"][len(prompt_ids) - 1 : len(full) - 1] = 1.0
     out["prompt"][: len(prompt_ids)] = prompt_ids
     out["prompt_len"] = np.int32(len(prompt_ids))
     return out
@@ -377,13 +377,13 @@ class VLMData:
             "image": r["image"],
             "text": arrays["text"],
             "targets": arrays["targets"],
-            "weights": arrays["weights"],
+            "token_weight": arrays["token_weight"],
         }
 
     def train_iter(
         self, batch_size: int, *, seed: int, shard_index: int = 0, num_shards: int = 1
     ) -> grain.DatasetIterator:
-        """Endless, checkpointable batches of ``image``, ``text``, ``targets``, ``weights``."""
+        """Endless, checkpointable batches of ``image``, ``text``, ``targets``, ``token_weight``."""
         source = self.sources["train"]
         dataset = grain.MapDataset.range(len(source))[shard_index::num_shards]
         if len(dataset) == 0:
@@ -417,14 +417,20 @@ class VLMData:
                         yield i, q, a, [a]
 
     def eval_batches(
-        self, split: str, batch_size: int, *, kind: str = "vqa", max_examples: int | None = None
+        self, split: str, batch_size: int, *, max_examples: int | None = None, kind: str | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Fixed-shape batches of one task (``caption`` or ``vqa``) for loss, decoding and scoring.
+        """Fixed-shape batches of one task (``caption`` or ``vqa``; None: captions, then questions).
+
+        ``max_examples`` caps each task's items.
 
         Yields:
-            ``image``, ``text``, ``targets``, ``weights`` (zero on padding rows), ``prompt``, ``prompt_len``,
-            ``example_weight`` float32[B], and lists ``prompt_text``, ``target_text``, ``references``.
+            ``image``, ``text``, ``targets``, ``token_weight``, ``prompt``, ``prompt_len``,
+            ``row_weight`` float32[B], and lists ``prompt_text``, ``target_text``, ``references``.
         """
+        if kind is None:
+            for each in ("caption", "vqa"):
+                yield from self.eval_batches(split, batch_size, max_examples=max_examples, kind=each)
+            return
         if kind not in ("caption", "vqa"):
             raise ValueError(f"kind={kind!r} must be 'caption' or 'vqa'")
         source = self.sources[split]
@@ -440,7 +446,7 @@ class VLMData:
                     {"image": image, **encode_task(self.tokenizer, kind, prompt, target, self.max_text_len)}
                 )
             batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-            batch["example_weight"] = np.ones(len(rows), np.float32)
+            batch["row_weight"] = np.ones(len(rows), np.float32)
             batch = _pad_batch(batch, batch_size)
             pad = batch_size - len(chunk)
             batch["prompt_text"] = [c[1] for c in chunk] + [""] * pad

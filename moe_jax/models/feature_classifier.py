@@ -8,13 +8,13 @@ linearly embedded to ``d_model`` and gets a learned position embedding.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax import sharding
+from moe_jax.models.blocks import make_blocks, run_blocks
 from moe_jax.models.layers import Norm
-from moe_jax.models.transformer import Block, ModelConfig
+from moe_jax.models.transformer import ModelConfig, block_kwargs
 
 
 class FeatureClassifier(nnx.Module):
@@ -47,11 +47,12 @@ class FeatureClassifier(nnx.Module):
         self.pos = sharding.param(
             nnx.initializers.normal(0.02)(rngs.params(), (num_tokens, cfg.d_model), pdt), (None, "embed")
         )
-        self.layers = nnx.List(
-            [
-                Block(cfg, use_moe=cfg.is_moe(i), causal=False, cross=False, rngs=rngs)
-                for i in range(cfg.num_encoder_layers)
-            ]
+        self.layers = make_blocks(
+            cfg.num_encoder_layers,
+            cfg.moe_layers(cfg.num_encoder_layers),
+            cfg.moe,
+            **block_kwargs(cfg, causal=False, cross=False),
+            rngs=rngs,
         )
         self.final_norm = Norm(cfg.d_model, cfg.norm, dtype=jnp.dtype(cfg.dtype), param_dtype=pdt)
         # A zero head starts every class at the same logit (initial loss = log Q).
@@ -65,19 +66,16 @@ class FeatureClassifier(nnx.Module):
         B, T = x_BTD.shape[:2]
         mask_BT = jnp.ones((B, T), bool)
         positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        aux = {}
-        for i, layer in enumerate(self.layers):
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            x_BTD, layer_aux = layer(
-                x_BTD,
-                self_mask_BLL=jnp.ones((B, T, T), bool),
-                positions_BL=positions_BT,
-                mask_BL=mask_BT,
-                dropout_key=key,
-                deterministic=deterministic,
-            )
-            if layer_aux is not None:
-                aux[f"encoder/layer_{i}"] = layer_aux
+        x_BTD, aux = run_blocks(
+            self.layers,
+            x_BTD,
+            name="encoder",
+            dropout_key=dropout_key,
+            attn_mask_BLL=jnp.ones((B, T, T), bool),
+            positions_BL=positions_BT,
+            mask_BL=mask_BT,
+            deterministic=deterministic,
+        )
         pooled_BD = jnp.mean(self.final_norm(x_BTD).astype(jnp.float32), axis=1)
         logits_BQ = pooled_BD @ self.head_w[...].astype(jnp.float32) + self.head_b[...].astype(jnp.float32)
         return logits_BQ, aux

@@ -1,7 +1,11 @@
-"""Pre-norm Transformers whose FFN is a sparse ``MoeLayer`` on a pattern of layers, dense elsewhere.
+"""Pre-norm Transformers whose FFN is a sparse ``MoeLayer`` on the blocks ``cfg.moe`` names, dense elsewhere.
 
+* :class:`ModelConfig`: the architecture (``config.model``, with the nested ``config.model.moe``).
 * :class:`Seq2SeqTransformer`: encoder-decoder (translation, summarization).
 * :class:`DecoderLM`: decoder-only language model of the same family.
+
+Both stack :class:`~moe_jax.models.blocks.Block` (decoder blocks: causal mask, causal MoE routing; the
+encoder-decoder's decoder blocks add cross-attention).
 
 Both return ``(logits_BLV, aux)`` where ``aux`` maps a MoE layer's name (``encoder/layer_1``,
 ``decoder/layer_3``, ...) to the layer's aux dict (``load_balancing_loss``, ``router_z_loss``,
@@ -12,65 +16,32 @@ whatever the compute ``dtype``. Shape letters: ``moe_jax/moe/__init__.py`` and `
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax import sharding
-from moe_jax.models.layers import Attention, DenseFFN, Embed, Norm, dropout
-from moe_jax.moe import MoeLayer
+from moe_jax.errors import ConfigError
+from moe_jax.models import config as config_lib
+from moe_jax.models.blocks import make_blocks, run_blocks
+from moe_jax.models.config import MoeConfig, Section, dtypes
+from moe_jax.models.layers import Embed, Norm, dropout
 
 _ACT_BLD = ("act_batch", "act_length", "act_embed")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MoeFields:
-    """The MoE-layer fields every model config shares (:class:`ModelConfig`, ``ViTConfig``, ``VLMConfig``).
-
-    Keyword-only, so a subclass's own fields keep their positional order (``ModelConfig(vocab_size, ...)``
-    still works); ``dataclasses.fields`` and ``asdict`` list these first.
-
-    Attributes:
-        num_experts, top_k, moe_d_ff, router, capacity_factor, eval_capacity_factor, dispatch,
-            num_shared_experts, group_size, jitter_noise, selection_bias, selection_bias_rate,
-            grouped_backend, expert_parallel: passed to :class:`~moe_jax.moe.MoeLayer` (``moe_d_ff``
-            defaults to the config's ``d_ff``; ``group_size=None`` routes each sequence, or image, as its own
-            group; ``selection_bias`` turns on aux-loss-free balancing, updated every training step;
-            ``expert_parallel="shard_map"`` needs an ``expert`` mesh axis).
-    """
-
-    num_experts: int = 8
-    top_k: int = 2
-    moe_d_ff: int | None = None
-    router: str = "token_choice"
-    capacity_factor: float | None = 1.25
-    eval_capacity_factor: float | None | str = "same"
-    dispatch: str = "auto"
-    num_shared_experts: int = 0
-    group_size: int | None = None
-    jitter_noise: float = 0.0
-    selection_bias: bool = False
-    selection_bias_rate: float = 1e-3
-    grouped_backend: str = "auto"
-    expert_parallel: str = "gspmd"
+POSITIONS = ("rope", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig(MoeFields):
-    """Architecture of the Transformer family (all fields are static Python values).
+class ModelConfig(Section):
+    """Architecture of the Transformer family (``config.model``; all fields are static Python values).
 
     Attributes:
-        vocab_size: V, shared by inputs and outputs.
+        vocab_size: V, shared by inputs and outputs (from the tokenizer).
         d_model, num_heads, head_dim, d_ff: widths (``head_dim`` defaults to d_model / num_heads).
-        num_encoder_layers, num_decoder_layers: depths (the LM uses ``num_decoder_layers``).
-        moe_every, moe_offset: layer i (0-based, per stack) is MoE when ``moe_every > 0`` and
-            ``i % moe_every == moe_offset``; the default (2, 1) makes every other layer MoE.
-        num_experts, top_k, moe_d_ff, router, capacity_factor, eval_capacity_factor, dispatch,
-            num_shared_experts, group_size, jitter_noise, selection_bias, selection_bias_rate,
-            grouped_backend, expert_parallel: keyword-only, from :class:`MoeFields`.
+        num_encoder_layers, num_decoder_layers: depths (the LM uses ``num_decoder_layers``, the feature
+            classifier ``num_encoder_layers``).
         activation: FFN activation, dense and experts alike.
         norm: ``rmsnorm`` or ``layernorm`` (pre-norm, plus a final norm per stack).
         positions: ``rope`` (self-attention queries/keys) or ``learned`` (absolute, ``max_len`` rows).
@@ -78,6 +49,9 @@ class ModelConfig(MoeFields):
         tie_embeddings: output logits use the (shared) embedding table.
         dropout_rate: residual and attention-output dropout in training.
         dtype, param_dtype: compute and parameter dtypes (names or numpy dtypes).
+        moe: the MoE layers (``config.model.moe``); ``moe.layers=None`` makes blocks 1, 3, 5, ... of each
+            stack MoE. Decoder MoE layers are causal, so they refuse expert choice and batch-prioritized
+            routing (unless ``moe.allow_noncausal_routing``).
     """
 
     vocab_size: int
@@ -87,8 +61,6 @@ class ModelConfig(MoeFields):
     d_ff: int = 1024
     num_encoder_layers: int = 4
     num_decoder_layers: int = 4
-    moe_every: int = 2
-    moe_offset: int = 1
     activation: str = "swiglu"
     norm: str = "rmsnorm"
     positions: str = "rope"
@@ -97,90 +69,32 @@ class ModelConfig(MoeFields):
     dropout_rate: float = 0.0
     dtype: Any = "float32"
     param_dtype: Any = "float32"
+    moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], **overrides) -> ModelConfig:
-        """Builds from a config mapping (extra keys such as ``kind`` are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in dict(values).items() if k in names}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+    _sections: ClassVar[dict[str, type]] = {"moe": MoeConfig}
 
-    def is_moe(self, layer: int) -> bool:
-        return self.moe_every > 0 and layer % self.moe_every == self.moe_offset % self.moe_every
+    def __post_init__(self):
+        config_lib.check_model_widths(self, ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"))
+        config_lib.check_int("num_encoder_layers", self.num_encoder_layers, 0)
+        config_lib.check_int("num_decoder_layers", self.num_decoder_layers, 0)
+        config_lib.check_choice("positions", self.positions, POSITIONS)
+        config_lib.check_bool("tie_embeddings", self.tie_embeddings)
+        if not (isinstance(self.dropout_rate, int | float) and 0.0 <= self.dropout_rate < 1.0):
+            raise ConfigError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        if not isinstance(self.moe, MoeConfig):
+            raise ConfigError(f"moe={self.moe!r} must be a MoeConfig (or a mapping of its fields)")
+        depth = max(self.num_encoder_layers, self.num_decoder_layers)
+        self.moe.check_layers(
+            depth,
+            f"num_encoder_layers={self.num_encoder_layers}, num_decoder_layers={self.num_decoder_layers}",
+        )
+        problem = self.moe.causal_conflict() if self.moe_layers(self.num_decoder_layers) else None
+        if problem:
+            raise ConfigError(problem)
 
-
-def _dtypes(cfg: ModelConfig):
-    return {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
-
-
-class Block(nnx.Module):
-    """Pre-norm block: self-attention, optional cross-attention, FFN (MoE or dense)."""
-
-    def __init__(self, cfg: ModelConfig, *, use_moe: bool, causal: bool, cross: bool, rngs: nnx.Rngs):
-        dt = _dtypes(cfg)
-        rope = cfg.positions == "rope"
-        self.dropout_rate, self.use_moe = cfg.dropout_rate, use_moe
-        self.self_norm = Norm(cfg.d_model, cfg.norm, **dt)
-        self.self_attn = Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, use_rope=rope, **dt, rngs=rngs)
-        if cross:
-            self.cross_norm = Norm(cfg.d_model, cfg.norm, **dt)
-            self.cross_attn = Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **dt, rngs=rngs)
-        else:
-            self.cross_norm = self.cross_attn = None
-        self.ffn_norm = Norm(cfg.d_model, cfg.norm, **dt)
-        if use_moe:
-            self.ffn = MoeLayer(
-                cfg.d_model,
-                cfg.moe_d_ff or cfg.d_ff,
-                cfg.num_experts,
-                cfg.top_k,
-                router=cfg.router,
-                capacity_factor=cfg.capacity_factor,
-                eval_capacity_factor=cfg.eval_capacity_factor,
-                activation=cfg.activation,
-                dispatch=cfg.dispatch,
-                num_shared_experts=cfg.num_shared_experts,
-                group_size=cfg.group_size,
-                jitter_noise=cfg.jitter_noise,
-                selection_bias=cfg.selection_bias,
-                selection_bias_rate=cfg.selection_bias_rate,
-                grouped_backend=cfg.grouped_backend,
-                expert_parallel=cfg.expert_parallel,
-                causal=causal,
-                **dt,
-                rngs=rngs,
-            )
-        else:
-            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, **dt, rngs=rngs)
-
-    def __call__(
-        self,
-        x_BLD,
-        *,
-        self_mask_BLL,
-        positions_BL,
-        mask_BL,
-        enc_BKD=None,
-        cross_mask_BLK=None,
-        dropout_key=None,
-        deterministic=True,
-    ):
-        keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
-        h = self.self_norm(x_BLD)
-        h = self.self_attn(h, h, self_mask_BLL, positions_BL=positions_BL, positions_BK=positions_BL)
-        x_BLD = x_BLD + dropout(h, self.dropout_rate, keys[0])
-        if self.cross_attn is not None:
-            h = self.cross_attn(self.cross_norm(x_BLD), enc_BKD, cross_mask_BLK)
-            x_BLD = x_BLD + dropout(h, self.dropout_rate, keys[1])
-        h = self.ffn_norm(x_BLD)
-        aux = None
-        if self.use_moe:
-            h, aux = self.ffn(h, mask_BL=mask_BL, deterministic=deterministic)
-        else:
-            h = self.ffn(h)
-        x_BLD = x_BLD + dropout(h.astype(x_BLD.dtype), self.dropout_rate, keys[2])
-        return sharding.constrain(x_BLD, _ACT_BLD), aux
+    def moe_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The MoE blocks of a stack of ``num_layers`` blocks."""
+        return self.moe.layer_indices(num_layers)
 
 
 class _Stack(nnx.Module):
@@ -190,22 +104,35 @@ class _Stack(nnx.Module):
         self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, name: str, rngs: nnx.Rngs
     ):
         self.name = name
-        self.layers = nnx.List(
-            [
-                Block(cfg, use_moe=cfg.is_moe(i), causal=causal, cross=cross, rngs=rngs)
-                for i in range(num_layers)
-            ]
+        self.layers = make_blocks(
+            num_layers,
+            cfg.moe_layers(num_layers),
+            cfg.moe,
+            **block_kwargs(cfg, causal=causal, cross=cross),
+            rngs=rngs,
         )
-        self.final_norm = Norm(cfg.d_model, cfg.norm, **_dtypes(cfg))
+        self.final_norm = Norm(cfg.d_model, cfg.norm, **dtypes(cfg))
 
     def __call__(self, x_BLD, *, dropout_key=None, **kwargs):
-        aux = {}
-        for i, layer in enumerate(self.layers):
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            x_BLD, layer_aux = layer(x_BLD, dropout_key=key, **kwargs)
-            if layer_aux is not None:
-                aux[f"{self.name}/layer_{i}"] = layer_aux
+        x_BLD, aux = run_blocks(self.layers, x_BLD, name=self.name, dropout_key=dropout_key, **kwargs)
         return self.final_norm(x_BLD), aux
+
+
+def block_kwargs(cfg: ModelConfig, *, causal: bool, cross: bool) -> dict:
+    """:class:`~moe_jax.models.blocks.Block` arguments (all but ``moe`` and ``rngs``) of a ``ModelConfig``."""
+    return dict(
+        d_model=cfg.d_model,
+        num_heads=cfg.num_heads,
+        d_ff=cfg.d_ff,
+        head_dim=cfg.head_dim,
+        causal=causal,
+        cross=cross,
+        activation=cfg.activation,
+        norm=cfg.norm,
+        use_rope=cfg.positions == "rope",
+        dropout_rate=cfg.dropout_rate,
+        **dtypes(cfg),
+    )
 
 
 def _positions(mask_BL: jax.Array) -> jax.Array:
@@ -225,10 +152,8 @@ def shift_right(targets_BL: jax.Array, bos_id: int) -> jax.Array:
 
 class _Embedder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        dt = _dtypes(cfg)
+        dt = dtypes(cfg)
         self.embed = Embed(cfg.vocab_size, cfg.d_model, **dt, rngs=rngs)
-        if cfg.positions not in ("rope", "learned"):
-            raise ValueError(f"positions={cfg.positions!r} is unknown; choose 'rope' or 'learned'")
         init = nnx.initializers.normal(stddev=0.02)
         self.pos = (
             sharding.param(
@@ -280,7 +205,7 @@ class Seq2SeqTransformer(nnx.Module):
         self_mask = mask_BL[:, None, :] & mask_BL[:, :, None]
         return self.encoder(
             x_BLD,
-            self_mask_BLL=self_mask,
+            attn_mask_BLL=self_mask,
             positions_BL=_positions(mask_BL),
             mask_BL=mask_BL,
             dropout_key=dropout_key,
@@ -311,7 +236,7 @@ class Seq2SeqTransformer(nnx.Module):
         cross_mask = decoder_mask_BL[:, :, None] & (inputs_BK != 0)[:, None, :]
         x_BLD, aux = self.decoder(
             x_BLD,
-            self_mask_BLL=causal_mask(decoder_mask_BL),
+            attn_mask_BLL=causal_mask(decoder_mask_BL),
             positions_BL=_positions(decoder_mask_BL),
             mask_BL=decoder_mask_BL,
             enc_BKD=enc_BKD,
@@ -362,7 +287,7 @@ class DecoderLM(nnx.Module):
         x_BLD = dropout(self.embedder(tokens_BL), self.cfg.dropout_rate, dropout_key)
         x_BLD, aux = self.decoder(
             x_BLD,
-            self_mask_BLL=causal_mask(mask_BL),
+            attn_mask_BLL=causal_mask(mask_BL),
             positions_BL=_positions(mask_BL),
             mask_BL=mask_BL,
             dropout_key=dropout_key,

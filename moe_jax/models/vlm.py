@@ -9,7 +9,7 @@ Routing metrics are split by modality: every decoder MoE layer's aux dict gains 
 ``expert_count_text`` [E] (assignments of image and of text tokens per expert, before capacity drops, as
 ``expert_load`` counts them) and ``expert_load_image`` / ``expert_load_text`` (each normalised to sum to 1).
 They come from re-running the layer's cheap top-K selection on its input with a modality mask
-(:func:`moe_jax.models.vit.expert_counts_by_mask`), not from routing each modality separately, which would
+(:func:`moe_jax.models.blocks.expert_counts_by_mask`), not from routing each modality separately, which would
 change capacity competition and hence the model. By construction ``count_image + count_text`` equals the
 layer's total assignment count, so ``expert_load = share_image·load_image + share_text·load_text``.
 
@@ -19,39 +19,39 @@ Shape letters: ``moe_jax/moe/__init__.py`` plus P image tokens (patches), T text
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax import sharding
+from moe_jax.errors import ConfigError
+from moe_jax.models import config as config_lib
+from moe_jax.models.blocks import make_blocks, run_blocks
+from moe_jax.models.config import MoeConfig, Section, dtypes
 from moe_jax.models.layers import Embed, Norm
-from moe_jax.models.transformer import MoeFields
-from moe_jax.models.vit import Block, ViTConfig, ViTEncoder, moe_kwargs_of
+from moe_jax.models.vit import ViTConfig, ViTEncoder
 
 _ACT_BLD = ("act_batch", "act_length", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
-class VLMConfig(MoeFields):
-    """Architecture of the VLM (static values).
+class VLMConfig(Section):
+    """Architecture of the VLM (``config.model``; static values).
 
     Attributes:
-        vision: the vision tower (``num_classes`` is ignored); ``vision.moe_layers=()`` makes it dense.
+        vision: the vision tower (``config.model.vision``, with its own ``moe``); its ``num_classes`` must be
+            0 (no head); ``vision.moe.layers=()`` makes it dense.
         vocab_size: V of the text tokenizer.
         d_model, num_heads, d_ff, num_layers: the decoder.
-        moe_every, moe_offset: decoder block i is MoE when ``moe_every > 0`` and ``i % moe_every ==
-            moe_offset``; ``moe_every=0`` gives a dense decoder.
-        num_experts, top_k, moe_d_ff, router, capacity_factor, eval_capacity_factor, dispatch, group_size,
-            jitter_noise, num_shared_experts: the decoder's MoE layers (keyword-only, from
-            :class:`~moe_jax.models.transformer.MoeFields`), built with ``causal=True``. ``group_size=None``
-            (one routing group per sequence) keeps a caption's routing independent of the rest of the
-            batch. Batch-prioritized routing is not offered here: ranking by gate value lets a later token
-            take a capacity slot from an earlier one, so a token's output would depend on the future.
         activation, norm: decoder FFN activation and norm.
         dtype, param_dtype: compute and parameter dtypes.
+        moe: the decoder's MoE layers (``moe.layers=None``: blocks 1, 3, ...; ``()``: a dense decoder), built
+            with ``causal=True``. ``group_size=None`` (one routing group per sequence) keeps a caption's
+            routing independent of the rest of the batch. Batch-prioritized and expert-choice routing are
+            refused (unless ``allow_noncausal_routing``): ranking by gate value lets a later token take a
+            capacity slot from an earlier one, so a token's output would depend on the future.
     """
 
     vision: ViTConfig = dataclasses.field(default_factory=lambda: ViTConfig(num_classes=0))
@@ -60,25 +60,34 @@ class VLMConfig(MoeFields):
     num_heads: int = 4
     d_ff: int = 128
     num_layers: int = 4
-    moe_every: int = 2
-    moe_offset: int = 1
     activation: str = "swiglu"
     norm: str = "rmsnorm"
     dtype: Any = "float32"
     param_dtype: Any = "float32"
+    moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
 
-    batch_prioritized = False  # see the class docstring (read by moe_kwargs_of)
+    _sections: ClassVar[dict[str, type]] = {"vision": ViTConfig, "moe": MoeConfig}
 
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], vision: Mapping[str, Any], **overrides) -> VLMConfig:
-        """Builds from config mappings (``model`` and ``model.vision`` sections; extra keys are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"vision"}
-        kwargs = {k: v for k, v in dict(values).items() if k in names}
-        kwargs.update(overrides)
-        return cls(vision=ViTConfig.from_mapping(vision, num_classes=0), **kwargs)
+    def __post_init__(self):
+        config_lib.check_model_widths(self, ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers"))
+        if not isinstance(self.vision, ViTConfig):
+            raise ConfigError(f"vision={self.vision!r} must be a ViTConfig (or a mapping of its fields)")
+        if self.vision.num_classes != 0:
+            raise ConfigError(
+                f"vision.num_classes={self.vision.num_classes!r} must be 0: the VLM's vision tower has no "
+                "classification head"
+            )
+        if not isinstance(self.moe, MoeConfig):
+            raise ConfigError(f"moe={self.moe!r} must be a MoeConfig (or a mapping of its fields)")
+        self.moe.check_layers(self.num_layers, f"num_layers={self.num_layers}")
+        problem = self.moe.causal_conflict() if self.moe_layers else None
+        if problem:
+            raise ConfigError(problem)
 
-    def is_moe(self, layer: int) -> bool:
-        return self.moe_every > 0 and layer % self.moe_every == self.moe_offset % self.moe_every
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The decoder's MoE blocks."""
+        return self.moe.layer_indices(self.num_layers)
 
 
 def prefix_lm_mask(num_prefix: int, mask_BL: jax.Array) -> jax.Array:
@@ -104,7 +113,7 @@ class VisionLanguageModel(nnx.Module):
 
     def __init__(self, cfg: VLMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        dt = {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
+        dt = dtypes(cfg)
         self.vision = ViTEncoder(cfg.vision, rngs=rngs)
         init = nnx.initializers.lecun_normal()
         self.proj_w = sharding.param(
@@ -112,21 +121,19 @@ class VisionLanguageModel(nnx.Module):
         )
         self.proj_b = sharding.param(jnp.zeros((cfg.d_model,), dt["param_dtype"]), ("embed",))
         self.embed = Embed(cfg.vocab_size, cfg.d_model, **dt, rngs=rngs)
-        self.layers = nnx.List(
-            [
-                Block(
-                    cfg.d_model,
-                    cfg.num_heads,
-                    cfg.d_ff,
-                    moe_kwargs=moe_kwargs_of(cfg, causal=True) if cfg.is_moe(i) else None,
-                    activation=cfg.activation,
-                    norm=cfg.norm,
-                    use_rope=True,
-                    **dt,
-                    rngs=rngs,
-                )
-                for i in range(cfg.num_layers)
-            ]
+        self.layers = make_blocks(
+            cfg.num_layers,
+            cfg.moe_layers,
+            cfg.moe,
+            d_model=cfg.d_model,
+            num_heads=cfg.num_heads,
+            d_ff=cfg.d_ff,
+            causal=True,
+            activation=cfg.activation,
+            norm=cfg.norm,
+            use_rope=True,
+            **dt,
+            rngs=rngs,
         )
         self.final_norm = Norm(cfg.d_model, cfg.norm, **dt)
 
@@ -163,18 +170,18 @@ class VisionLanguageModel(nnx.Module):
         if split_by_modality:
             is_image_BL = jnp.broadcast_to(jnp.arange(P + T) < P, (B, P + T))
             split = {"image": is_image_BL & mask_BL, "text": ~is_image_BL & mask_BL}
-        aux = {}
-        for i, layer in enumerate(self.layers):
-            x_BLD, layer_aux = layer(
-                x_BLD,
-                attn_mask_BLL=attn_mask_BLL,
-                mask_BL=mask_BL,
-                positions_BL=positions_BL,
-                deterministic=deterministic,
-                split_masks=split,
-            )
-            if layer_aux is not None:
-                aux[f"decoder/layer_{i}"] = _with_modality_load(layer_aux) if split else layer_aux
+        x_BLD, aux = run_blocks(
+            self.layers,
+            x_BLD,
+            name="decoder",
+            attn_mask_BLL=attn_mask_BLL,
+            mask_BL=mask_BL,
+            positions_BL=positions_BL,
+            deterministic=deterministic,
+            split_masks=split,
+        )
+        if split:
+            aux = {k: _with_modality_load(v) for k, v in aux.items()}
         text_BTD = self.final_norm(x_BLD[:, P:])
         return self.embed.attend(text_BTD), aux
 

@@ -3,7 +3,8 @@
 One ``CheckpointManager`` per workdir (``WORKDIR/checkpoints``), async saves, keeping the latest ``keep``
 steps plus the best one by validation loss. Restoring walks the steps from the newest: a step that fails to
 restore is reported and skipped (never deleted) and the previous one is tried, because Orbax still lists a
-step directory whose files are damaged (COOKBOOK §4).
+step directory whose files are damaged (only ``<step>.orbax-checkpoint-tmp`` directories of a crashed save
+are ignored by it). A step that could not be read does not count toward ``keep``.
 """
 
 from __future__ import annotations
@@ -47,13 +48,34 @@ def _abstract(state: nnx.State, shardings: nnx.State | None) -> dict[str, jax.Sh
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=flat_sh.get(k)) for k, v in flat.items()}
 
 
-def model_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Fields whose values differ between two model config dicts, as ``name: saved vs current``."""
+def model_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "model"
+) -> list[str]:
+    """Fields whose values differ between two (nested) config dicts, as ``name: saved vs current``."""
     out = []
     for k in sorted(set(saved) | set(current)):
         a, b = saved.get(k), current.get(k)
-        if a != b:
-            out.append(f"model.{k}: {a!r} in the checkpoint vs {b!r} now")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += model_differences(a, b, f"{prefix}.{k}")
+        elif a != b:
+            out.append(f"{prefix}.{k}: {a!r} in the checkpoint vs {b!r} now")
+    return out
+
+
+def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between a checkpoint's recorded identity and this run's: task, data, tokenizer, model.
+
+    Keys a checkpoint does not record (older runs) are not compared.
+    """
+    out = []
+    for key in ("task", "data", "vocab_size", "model", "optimizer"):
+        if key not in saved or key not in current:
+            continue
+        a, b = saved[key], current[key]
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += model_differences(a, b, key)
+        elif a != b:
+            out.append(f"{key}: {a!r} in the checkpoint vs {b!r} now")
     return out
 
 
@@ -68,24 +90,32 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, report=None):
-        policy = cm.AnyPreservationPolicy(
-            [
-                cm.LatestN(n=keep),
-                # BestN keeps the largest values, so rank by negative validation loss.
-                cm.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1, keep_checkpoints_without_metrics=False),
-            ]
-        )
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-        )
+        if not isinstance(keep, int) or keep < 1:
+            raise ConfigError(f"config.train.keep_checkpoints={keep!r} must be an integer >= 1")
         # Orbax's background writer needs an absolute path (a relative one fails after training went on).
         self.directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
         self.report = report or log.warning
-        self.mngr = ocp.CheckpointManager(self.directory, options=options)
+        self.keep, self.async_save = keep, async_save
+        self.unreadable: list[int] = []
+        self.mngr = self._manager()
         self._pending: set[int] = set()
         self._failed = False
+
+    def _manager(self) -> ocp.CheckpointManager:
+        # Steps the run could not read are kept (never deleted) and do not take one of the `keep` slots.
+        policies = [
+            cm.LatestN(n=self.keep + len(self.unreadable)),
+            # BestN keeps the largest values, so rank by negative validation loss.
+            cm.BestN(get_metric_fn=lambda m: -m["val_loss"], n=1, keep_checkpoints_without_metrics=False),
+        ]
+        if self.unreadable:
+            policies.append(cm.CustomSteps(steps=list(self.unreadable)))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=cm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=self.async_save,
+            cleanup_tmp_directories=True,
+        )
+        return ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
         return sorted(self.mngr.all_steps())
@@ -126,17 +156,56 @@ class Checkpointer:
         self._pending = {step}  # the only save that can still be in flight
         return bool(started)
 
+    def check_identity(self, identity: Mapping) -> None:
+        """Refuses early (before data and model are built) when the newest readable step is another run's.
+
+        Raises:
+            ConfigError: naming what differs (see :func:`identity_differences`).
+        """
+        for step in reversed(self.steps()):
+            try:
+                meta = self.read_meta(step)
+            except Exception:  # noqa: BLE001 - unreadable steps are reported by restore_latest
+                continue
+            self._refuse_if_different(step, meta, identity)
+            return
+
+    def _refuse_if_different(self, step: int, meta: Mapping, identity: Mapping) -> None:
+        diffs = identity_differences(meta, identity)
+        if diffs:
+            what = "model" if all(d.startswith("model.") for d in diffs) else "run"
+            raise ConfigError(
+                f"workdir checkpoint {self.directory} (step {step}) holds a different {what} ("
+                f"{'; '.join(diffs[:3])}); use a new --workdir, or run with the checkpoint's config"
+            )
+
     def read_meta(self, step: int) -> dict:
         return dict(self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def restore_latest(
-        self, template: nnx.State, shardings: nnx.State | None, *, model_config: Mapping, data_iter=None
+        self,
+        template: nnx.State,
+        shardings: nnx.State | None,
+        *,
+        model_config: Mapping | None = None,
+        identity: Mapping | None = None,
+        data_iter=None,
     ) -> tuple[int, nnx.State, dict] | None:
         """Restores the newest readable step onto ``shardings``; None when there is no checkpoint.
 
+        Args:
+            template, shardings: the state to restore into and its target shardings (another mesh works).
+            model_config: the model section to compare with the checkpoint's (same as ``identity={'model':
+                ...}``).
+            identity: what the checkpoint must match (``task``, ``data``, ``vocab_size``, ``model``).
+            data_iter: a Grain iterator whose position is restored too.
+
         Raises:
-            ConfigError: the checkpoint holds a different model, or no step can be read.
+            ConfigError: the checkpoint holds a different run (naming what differs), or no step can be read.
         """
+        identity = dict(identity or {})
+        if model_config is not None:
+            identity["model"] = model_config
         steps = self.steps()
         failures = []
         for step in reversed(steps):
@@ -146,12 +215,7 @@ class Checkpointer:
                 failures.append(step)
                 self._report_unreadable(step, e)
                 continue
-            diffs = model_differences(meta.get("model", {}), model_config)
-            if diffs:
-                raise ConfigError(
-                    f"workdir checkpoint {self.directory} (step {step}) holds a different model ("
-                    f"{'; '.join(diffs[:3])}); use a new --workdir, or run with the checkpoint's model config"
-                )
+            self._refuse_if_different(step, meta, identity)
             items = {"state": ocp.args.StandardRestore(_abstract(template, shardings))}
             if data_iter is not None:
                 import grain
@@ -167,6 +231,9 @@ class Checkpointer:
                 self.report(
                     f"resuming from step {step}; unreadable newer steps {failures} were left in place"
                 )
+                self.unreadable = sorted(failures)
+                self.mngr.close()
+                self.mngr = self._manager()  # they must not take the slots of the good steps
             return step, _unflat(template, restored["state"]), meta
         if steps:
             raise ConfigError(

@@ -1,4 +1,9 @@
-"""Greedy and beam-search decoding for :class:`~moe_jax.models.Seq2SeqTransformer`.
+"""Greedy and beam-search decoding over a ``logits_fn``, shared by every generating task.
+
+``logits_fn(tokens_XL, t) -> logits_XLV`` runs the model over a fixed token buffer when position ``t`` is
+the last filled one (seq2seq: the decoder over the encoder output; VLM: the prefix-LM decoder over the image
+prefix); :func:`greedy` and :func:`beam` only pick tokens. :func:`greedy_decode` and :func:`beam_search`
+bind them to :class:`~moe_jax.models.Seq2SeqTransformer`.
 
 Correctness first: the encoder runs once, and every decoding step re-runs the decoder over a fixed
 ``[B, max_len]`` buffer (positions past the current one are masked out of attention by causality and out of
@@ -18,31 +23,68 @@ import numpy as np
 _NEG = -1.0e9
 
 
-def greedy_decode(model, inputs_BK: jax.Array, *, max_len: int, bos_id: int, eos_id: int) -> jax.Array:
-    """Greedy decoding; rows stop at their first EOS."""
-    enc_BKD, _ = model.encode(inputs_BK, deterministic=True)
-    B = inputs_BK.shape[0]
-    positions_L = jnp.arange(max_len)
-    dec_in_BL = jnp.zeros((B, max_len), jnp.int32).at[:, 0].set(bos_id)
+def greedy(logits_fn, tokens_BL: jax.Array, start_B: jax.Array, *, steps: int, eos_id: int) -> jax.Array:
+    """Greedy continuation: row b's token ``t`` goes to position ``start_B[b] + t`` of the buffer.
+
+    Args:
+        logits_fn: ``(tokens_BL, t) -> logits_BLV``; the logits at position p predict position p + 1.
+        tokens_BL: the buffer (prompts, BOS, ...), pad 0 after each row's prompt.
+        start_B: int32[B], where each row's first generated token goes.
+        steps: at most this many tokens per row.
+        eos_id: rows stop after emitting it.
+
+    Returns:
+        ``int32[B, steps]`` generated tokens, ending with EOS when one was produced, pad 0 after.
+    """
+    B, L = tokens_BL.shape
+    rows_B = jnp.arange(B)
 
     def cond(carry):
         t, _, _, done_B = carry
-        return (t < max_len) & ~jnp.all(done_B)
+        return (t < steps) & ~jnp.all(done_B)
 
     def body(carry):
-        t, dec_in_BL, out_BL, done_B = carry
-        mask_BL = jnp.broadcast_to(positions_L <= t, (B, max_len))
-        logits_BLV, _ = model.decode(
-            dec_in_BL, enc_BKD, inputs_BK, decoder_mask_BL=mask_BL, deterministic=True
-        )
-        logits_BV = jax.lax.dynamic_index_in_dim(logits_BLV, t, axis=1, keepdims=False)
-        tok_B = jnp.where(done_B, 0, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
-        out_BL = out_BL.at[:, t].set(tok_B)
-        dec_in_BL = dec_in_BL.at[:, t + 1].set(tok_B, mode="drop")
-        return t + 1, dec_in_BL, out_BL, done_B | (tok_B == eos_id)
+        t, tokens_BL, out_BS, done_B = carry
+        pos_B = start_B + t  # where this step's token goes
+        logits_BLV = logits_fn(tokens_BL, t)
+        logits_BV = logits_BLV[rows_B, jnp.clip(pos_B - 1, 0, L - 1)]
+        tok_B = jnp.where(done_B | (pos_B > L), 0, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
+        out_BS = out_BS.at[:, t].set(tok_B)
+        tokens_BL = tokens_BL.at[rows_B, pos_B].set(tok_B, mode="drop")
+        return t + 1, tokens_BL, out_BS, done_B | (tok_B == eos_id) | (pos_B >= L)
 
-    init = (jnp.int32(0), dec_in_BL, jnp.zeros((B, max_len), jnp.int32), jnp.zeros((B,), bool))
+    init = (
+        jnp.int32(0),
+        tokens_BL.astype(jnp.int32),
+        jnp.zeros((B, steps), jnp.int32),
+        jnp.zeros((B,), bool),
+    )
     return jax.lax.while_loop(cond, body, init)[2]
+
+
+def _seq2seq_logits_fn(model, inputs_XK, enc_XKD, max_len: int):
+    positions_L = jnp.arange(max_len)
+
+    def logits_fn(tokens_XL, t):
+        # Positions past t are not real tokens yet: causal attention ignores them, and the mask keeps them out
+        # of MoE routing (capacity) too.
+        mask_XL = jnp.broadcast_to(positions_L <= t, tokens_XL.shape)
+        logits_XLV, _ = model.decode(
+            tokens_XL, enc_XKD, inputs_XK, decoder_mask_BL=mask_XL, deterministic=True
+        )
+        return logits_XLV
+
+    return logits_fn
+
+
+def greedy_decode(model, inputs_BK: jax.Array, *, max_len: int, bos_id: int, eos_id: int) -> jax.Array:
+    """Greedy decoding of a :class:`~moe_jax.models.Seq2SeqTransformer`; rows stop at their first EOS."""
+    enc_BKD, _ = model.encode(inputs_BK, deterministic=True)
+    B = inputs_BK.shape[0]
+    tokens_BL = jnp.zeros((B, max_len), jnp.int32).at[:, 0].set(bos_id)
+    start_B = jnp.ones((B,), jnp.int32)
+    logits_fn = _seq2seq_logits_fn(model, inputs_BK, enc_BKD, max_len)
+    return greedy(logits_fn, tokens_BL, start_B, steps=max_len, eos_id=eos_id)
 
 
 def length_penalty(length, alpha: float):
@@ -50,22 +92,22 @@ def length_penalty(length, alpha: float):
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
-def beam_search(
-    model, inputs_BK: jax.Array, *, beam_size: int, max_len: int, bos_id: int, eos_id: int, alpha: float = 0.6
+def beam(
+    logits_fn, batch_size: int, *, beam_size: int, max_len: int, bos_id: int, eos_id: int, alpha: float = 0.6
 ) -> jax.Array:
-    """Beam search with a GNMT length penalty; returns the best finished hypothesis per row.
+    """Beam search with a GNMT length penalty over ``logits_fn``; the best finished hypothesis per row.
 
-    Keeps ``beam_size`` alive (no EOS yet) and ``beam_size`` finished hypotheses per row. Each step scores
-    2·W candidates; those ending in EOS enter the finished set with score log p / length_penalty, the rest
-    compete for the alive set. It stops early once no alive beam can beat the worst finished one. A row
-    without any finished hypothesis returns its best alive one.
+    ``logits_fn(tokens_XL, t)`` sees the ``X = batch_size · beam_size`` beams flattened row-major (row b's
+    beams are ``b·W .. b·W + W − 1``), each a buffer of BOS then the tokens so far. Keeps ``beam_size`` alive
+    (no EOS yet) and ``beam_size`` finished hypotheses per row. Each step scores 2·W candidates; those ending
+    in EOS enter the finished set with score log p / length_penalty, the rest compete for the alive set. It
+    stops early once no alive beam can beat the worst finished one. A row without any finished hypothesis
+    returns its best alive one.
+
+    Returns:
+        ``int32[B, max_len]`` tokens (EOS included when produced, pad 0 after).
     """
-    B, W = inputs_BK.shape[0], beam_size
-    enc_BKD, _ = model.encode(inputs_BK, deterministic=True)
-    enc_XKD = jnp.repeat(enc_BKD, W, axis=0)  # X = B·W flattened beams
-    inputs_XK = jnp.repeat(inputs_BK, W, axis=0)
-    positions_L = jnp.arange(max_len)
-
+    B, W = batch_size, beam_size
     # Sequences hold BOS at index 0 and generated tokens at 1..max_len.
     alive_BWS = jnp.zeros((B, W, max_len + 1), jnp.int32).at[:, :, 0].set(bos_id)
     alive_lp_BW = jnp.tile(jnp.array([0.0] + [_NEG] * (W - 1), jnp.float32), (B, 1))
@@ -86,14 +128,7 @@ def beam_search(
     def body(carry):
         t, alive_BWS, alive_lp_BW, fin_BWS, fin_score_BW, fin_flag_BW = carry
         X = B * W
-        mask_XL = jnp.broadcast_to(positions_L <= t, (X, max_len))
-        logits_XLV, _ = model.decode(
-            alive_BWS[:, :, :max_len].reshape(X, max_len),
-            enc_XKD,
-            inputs_XK,
-            decoder_mask_BL=mask_XL,
-            deterministic=True,
-        )
+        logits_XLV = logits_fn(alive_BWS[:, :, :max_len].reshape(X, max_len), t)
         logits_XV = jax.lax.dynamic_index_in_dim(logits_XLV, t, axis=1, keepdims=False)
         V = logits_XV.shape[-1]
         logp_BWV = jax.nn.log_softmax(logits_XV.astype(jnp.float32), axis=-1).reshape(B, W, V)
@@ -103,10 +138,8 @@ def beam_search(
         seqs_BMS = gather(alive_BWS, top_idx_BM // V)
         seqs_BMS = jax.lax.dynamic_update_slice_in_dim(seqs_BMS, tok_BM[:, :, None], t + 1, axis=2)
         is_eos_BM = tok_BM == eos_id
-
         alive_lp_BW, alive_idx_BW = jax.lax.top_k(jnp.where(is_eos_BM, _NEG, top_lp_BM), W)
         alive_BWS = gather(seqs_BMS, alive_idx_BW)
-
         new_score_BM = jnp.where(is_eos_BM, top_lp_BM / length_penalty(t + 1, alpha), _NEG)
         all_score = jnp.concatenate([fin_score_BW, new_score_BM], axis=1)
         all_flag = jnp.concatenate([fin_flag_BW, is_eos_BM], axis=1)
@@ -120,6 +153,18 @@ def beam_search(
     _, alive_BWS, _, fin_BWS, _, fin_flag_BW = jax.lax.while_loop(cond, body, init)
     best_BS = jnp.where(fin_flag_BW[:, 0, None], fin_BWS[:, 0], alive_BWS[:, 0])
     return best_BS[:, 1:]
+
+
+def beam_search(
+    model, inputs_BK: jax.Array, *, beam_size: int, max_len: int, bos_id: int, eos_id: int, alpha: float = 0.6
+) -> jax.Array:
+    """Beam search of a :class:`~moe_jax.models.Seq2SeqTransformer` (see :func:`beam`)."""
+    B, W = inputs_BK.shape[0], beam_size
+    enc_BKD, _ = model.encode(inputs_BK, deterministic=True)
+    enc_XKD = jnp.repeat(enc_BKD, W, axis=0)  # X = B·W flattened beams
+    inputs_XK = jnp.repeat(inputs_BK, W, axis=0)
+    logits_fn = _seq2seq_logits_fn(model, inputs_XK, enc_XKD, max_len)
+    return beam(logits_fn, B, beam_size=W, max_len=max_len, bos_id=bos_id, eos_id=eos_id, alpha=alpha)
 
 
 def to_token_lists(tokens_BL, eos_id: int) -> list[list[int]]:

@@ -61,7 +61,8 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
     else:
         raise ValueError(f"optim.name={name!r} is unknown; choose 'adamw' or 'adafactor'")
     clip = float(_get(cfg, "clip_norm", 0.0))
-    tx = optax.chain(optax.clip_by_global_norm(clip), core) if clip > 0 else core
+    # The same state structure with or without clipping, so a run can resume with clipping changed.
+    tx = optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), core)
     accum = int(_get(cfg, "grad_accum_steps", 1))
     if accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accum)

@@ -1,0 +1,173 @@
+"""What the config files in ``configs/`` share: the common sections and ONE builder of ``config.model.moe``.
+
+Config files import it as a package module (``from moe_jax import config_lib``) and override a few fields.
+The schema of a model section is its model config's dataclass (``moe_jax.models``): ``config.model`` holds
+the fields of ``ModelConfig`` / ``ViTConfig`` / ``VLMConfig``, ``config.model.moe`` (and, in the VLM,
+``config.model.vision.moe``) every field of :class:`~moe_jax.models.config.MoeConfig`, made here by
+:func:`moe_section`; ``from_mapping`` refuses any other key.
+
+Imports ml_collections (the training stack), unlike ``moe_jax.models``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from moe_jax.models.config import MoeConfig
+
+# MoeConfig fields whose values change kind (None, a number or "same"; None or a tuple): typed ``object`` so
+# that ``--config.model.moe.capacity_factor=None`` or ``--config.model.moe.layers=(1,3)`` parse.
+_UNTYPED = ("d_ff", "layers", "capacity_factor", "eval_capacity_factor", "group_size", "shared_d_ff")
+
+
+def moe_section(**overrides) -> ml_collections.ConfigDict:
+    """``config.model.moe``: every :class:`~moe_jax.models.config.MoeConfig` field, defaults overridden.
+
+    Args:
+        **overrides: MoeConfig fields (``num_experts=8``, ``layers=(3, 5)``, ``group_size=256`` ...).
+
+    Raises:
+        ValueError: an override is not a MoeConfig field (the message lists them).
+    """
+    fields = [f for f in dataclasses.fields(MoeConfig)]
+    names = {f.name for f in fields}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"moe_section: {unknown} are not MoeConfig fields; known: {sorted(names)}")
+    moe = ml_collections.ConfigDict()
+    for f in fields:
+        value = overrides.get(f.name, f.default)
+        moe[f.name] = ml_collections.FieldReference(value, field_type=object) if f.name in _UNTYPED else value
+    return moe
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The sections every task shares (optimizer, losses, training, evaluation, sharding); ``data`` and
+    ``model`` start empty for the task file to fill."""
+    c = ml_collections.ConfigDict()
+    c.task = "translation"  # 'translation' scores BLEU, 'summarization' ROUGE-1/2/L
+    c.seed = 0
+    # '' means $MOE_JAX_DATA_DIR, else ~/.cache/moe_jax/data (prepared corpora and tokenizers live there).
+    c.data_dir = ""
+    c.data = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.learning_rate = 1e-3
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 200
+    c.optim.end_lr_ratio = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-9
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0
+    c.optim.grad_accum_steps = 1
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.label_smoothing = 0.0
+    c.loss.lb_weight = 0.01
+    c.loss.z_weight = 1e-3
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64
+    c.train.num_train_steps = 2000
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoints = True
+    c.train.nonfinite = "stop"  # 'stop': end the run naming the step; 'skip': drop that update and go on
+    c.train.tensorboard = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 64
+    c.eval.max_eval_examples = 1000
+    c.eval.max_decode_examples = 500
+    c.eval.max_decode_len = 0  # 0: data.max_target_len
+    c.eval.beam_size = 4
+    c.eval.length_penalty = 0.6
+    c.eval.num_samples = 3
+    c.eval.decode_at_start = False
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.preset = "ep"
+    c.sharding.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+    return c
+
+
+def seq2seq_config() -> ml_collections.ConfigDict:
+    """:func:`base_config` with the seq2seq data section and the encoder-decoder's ``model`` section."""
+    c = base_config()
+    c.data.source = "gettext_translation"
+    c.data.builder_config = "en_de"
+    c.data.input_key = None
+    c.data.target_key = None
+    c.data.vocab_size = 4000
+    c.data.max_input_len = 32
+    c.data.max_target_len = 32
+    c.data.tokenizer_train_examples = 50_000
+
+    # Fields of moe_jax.models.ModelConfig (vocab_size comes from the tokenizer).
+    c.model.d_model = 256
+    c.model.num_heads = 4
+    c.model.head_dim = None
+    c.model.d_ff = 512
+    c.model.num_encoder_layers = 4
+    c.model.num_decoder_layers = 4
+    c.model.activation = "swiglu"
+    c.model.norm = "rmsnorm"
+    c.model.positions = "rope"
+    c.model.max_len = 512
+    c.model.tie_embeddings = True
+    c.model.dropout_rate = 0.0
+    c.model.dtype = "float32"  # 'bfloat16' computes in bf16 with float32 parameters
+    c.model.param_dtype = "float32"
+    # layers=None: blocks 1, 3, ... of each stack. selection_bias: aux-loss-free balancing (DeepSeek-V3).
+    # grouped_backend (dropless matmuls): core (CPU/GPU), megablox (TPU), mosaic_gpu (H200). expert_parallel:
+    # gspmd, or shard_map (explicit all_to_all over the expert mesh axis).
+    c.model.moe = moe_section(num_experts=8, top_k=2, capacity_factor=1.25)
+    return c
+
+
+def transformer_base_moe(c: ml_collections.ConfigDict, **model_overrides) -> ml_collections.ConfigDict:
+    """Transformer-base-sized MoE encoder-decoder for accelerators: 6+6 layers, 32 experts top-2, bf16."""
+    c.model.update(
+        d_model=512,
+        num_heads=8,
+        d_ff=2048,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+        dtype="bfloat16",
+        dropout_rate=0.1,
+        **model_overrides,
+    )
+    c.model.moe.update(num_experts=32, top_k=2)
+    c.loss.label_smoothing = 0.1
+    return c
+
+
+def seq2seq_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a seq2seq config to a few seconds of training (tests)."""
+    c.data.vocab_size = 500
+    c.data.max_input_len = 16
+    c.data.max_target_len = 16
+    c.data.tokenizer_train_examples = 5000
+    c.model.update(d_model=32, num_heads=2, d_ff=64, num_encoder_layers=2, num_decoder_layers=2)
+    c.model.moe.update(num_experts=4, top_k=2)
+    c.optim.warmup_steps = 2
+    c.optim.learning_rate = 3e-3
+    c.train.batch_size = 8
+    c.train.num_train_steps = 4
+    c.train.log_every = 1
+    c.train.eval_every = 2
+    c.train.checkpoint_every = 2
+    c.eval.batch_size = 8
+    c.eval.max_eval_examples = 16
+    c.eval.max_decode_examples = 8
+    c.eval.beam_size = 2
+    c.eval.num_samples = 1
+    return c
