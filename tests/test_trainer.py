@@ -83,7 +83,9 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     c = smoke_config(num_train_steps=4, checkpoint_every=1, eval_every=0)
     c.eval.max_decode_examples = 0
     c.optim.update(learning_rate=1e30, clip_norm=0.0, warmup_steps=0, schedule="constant")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient at step 2 .*last good checkpoint is step 1"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite gradient at step 2 .*last good checkpoint is step 1"
+    ):
         loop.train_and_evaluate(c, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
 
