@@ -36,11 +36,19 @@ def test_resolve_workdir_refuses_a_file_and_an_uncreatable_parent(tmp_path):
 def test_relative_workdir_trains_resumes_and_evaluates(tmp_path, monkeypatch):
     """The README's failure: a relative workdir (Orbax wants absolute paths) from the current directory."""
     monkeypatch.chdir(tmp_path)
-    loop.train_and_evaluate(smoke_config(num_train_steps=2, checkpoint_every=1), "runs/relative ü")
+
+    def config(steps):
+        c = smoke_config(num_train_steps=steps, checkpoint_every=1, eval_every=0)
+        c.eval.max_decode_examples = 0  # decoding is tested elsewhere; this is about paths
+        return c
+
+    loop.train_and_evaluate(config(2), "runs/relative ü")
     workdir = tmp_path / "runs" / "relative ü"
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
-    loop.train_and_evaluate(smoke_config(num_train_steps=3, checkpoint_every=1), "runs/relative ü")
+    loop.train_and_evaluate(config(3), "runs/relative ü")
     assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
+    loop.train_and_evaluate(config(3), "runs/relative ü", mode="eval")
+    assert os.path.exists(workdir / "eval_metrics.json")
 
 
 def test_failed_background_save_stops_the_run_at_once(tmp_path, monkeypatch):
