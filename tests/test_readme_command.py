@@ -17,6 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
     "--config.train.checkpoint_every=2",
+    "--config.train.log_every=1",
     "--config.eval.max_eval_examples=32",
     "--config.eval.max_decode_examples=4",
 ]

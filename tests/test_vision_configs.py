@@ -91,6 +91,7 @@ def test_image_classification_smoke_trains(tmp_path):
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
 
 
+@pytest.mark.slow  # ~30 s; the VLM step (skip, loss) is in the default suite through test_one_step.py
 def test_vlm_smoke_trains_and_reports_modality_load(tmp_path):
     config = _fast(VLM.get_config("smoke"), tmp_path)
     final = loop.train_and_evaluate(config, str(tmp_path / "run"))
@@ -105,6 +106,7 @@ def test_vlm_smoke_trains_and_reports_modality_load(tmp_path):
     assert os.path.exists(tmp_path / "run" / "modality_load.png")
 
 
+@pytest.mark.slow  # real-data variants run with the slow set, like the other tasks' (~15 s each)
 @pytest.mark.parametrize("variant", ["cifar10", "imagenet2012"])
 def test_real_classification_variant_one_step_on_mock_data(tmp_path, variant):
     config = _fast(_shrink(IC.get_config(variant), IC.get_config("smoke")), tmp_path)
@@ -120,6 +122,7 @@ def test_real_classification_variant_one_step_on_mock_data(tmp_path, variant):
 # TensorFlow (an optional extra, not installed in CI); the next test fakes COCO's feature layout instead.
 
 
+@pytest.mark.slow  # real-data variant (~23 s)
 def test_coco_captions_variant_one_step_on_fake_source(tmp_path, monkeypatch):
     """The coco_captions path without TensorFlow: its feature layout (``captions``: {'text', 'id'}) faked."""
     import numpy as np
