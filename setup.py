@@ -53,5 +53,7 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["moe-jax-train=moe_jax.main:run"]},
+    entry_points={
+        "console_scripts": ["moe-jax-train=moe_jax.main:run", "moe-jax-generate=moe_jax.generate:run"]
+    },
 )

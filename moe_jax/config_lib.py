@@ -133,6 +133,64 @@ def seq2seq_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _untyped(value) -> ml_collections.FieldReference:
+    """A field that may hold None or a value (so ``--config.model.X=None`` and ``=64`` both parse)."""
+    return ml_collections.FieldReference(value, field_type=object)
+
+
+def lm_config() -> ml_collections.ConfigDict:
+    """:func:`base_config` for the decoder-only LM: packed-text data section, decoder ``model`` section.
+
+    The model section holds every :class:`~moe_jax.models.ModelConfig` field the decoder reads (no encoder);
+    MoE routing is dropless in training and evaluation (``capacity_factor=None``): a language model's
+    evaluation and its token-by-token generation then route every token as in training.
+    """
+    c = base_config()
+    c.task = "language_modeling"
+    c.data.source = "python_source"  # offline: the Python standard library's source files
+    c.data.builder_config = None
+    c.data.text_key = "text"
+    c.data.vocab_size = 4096
+    c.data.seq_len = 256
+    c.data.tokenizer_train_chars = 4_000_000
+    c.data.num_threads = 2
+
+    c.model.d_model = 256
+    c.model.num_heads = 4
+    c.model.num_kv_heads = _untyped(None)  # None: num_heads (multi-head); fewer: grouped-query attention
+    c.model.head_dim = _untyped(None)
+    c.model.d_ff = 1024  # dense blocks' FFN width (the experts' is moe.d_ff)
+    c.model.num_encoder_layers = 0
+    c.model.num_decoder_layers = 4
+    c.model.activation = "swiglu"
+    c.model.norm = "rmsnorm"
+    c.model.norm_eps = 1e-6
+    c.model.positions = "rope"
+    c.model.rope_theta = 10_000.0
+    c.model.qk_norm = "none"  # 'head' (Qwen3-MoE) or 'full' (OLMoE)
+    c.model.qkv_bias = False
+    c.model.logits_soft_cap = _untyped(None)
+    c.model.max_len = 4096
+    c.model.tie_embeddings = True
+    c.model.dropout_rate = 0.0
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.moe = moe_section(num_experts=8, top_k=2, capacity_factor=None, eval_capacity_factor=None)
+
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.train.batch_size = 16
+    c.eval.batch_size = 16
+    c.eval.max_eval_examples = 256  # packed rows of seq_len tokens
+    c.eval.max_decode_examples = 0  # the LM scores generations by perplexity, not BLEU
+    c.eval.beam_size = 0
+    c.eval.num_samples = 2  # sample continuations printed at the end
+    c.eval.prompt_tokens = 32  # each sample prompt: the opening tokens of a test document
+    c.eval.max_new_tokens = 64
+    c.eval.temperature = 0.0  # 0: greedy
+    return c
+
+
 def transformer_base_moe(c: ml_collections.ConfigDict, **model_overrides) -> ml_collections.ConfigDict:
     """Transformer-base-sized MoE encoder-decoder for accelerators: 6+6 layers, 32 experts top-2, bf16."""
     c.model.update(

@@ -5,7 +5,8 @@ This is the only module that spells ``PartitionSpec``s. Modules annotate paramet
 ``data``, ``fsdp``, ``expert`` and ``tensor``.
 
 Logical axes:
-    Parameters: ``embed`` (d_model), ``mlp`` (d_ff), ``expert`` (E), ``heads``, ``kv``, ``vocab``.
+    Parameters: ``embed`` (d_model), ``mlp`` (d_ff), ``expert`` (E), ``heads`` (query heads), ``kv_heads``
+    (key/value heads, fewer than ``heads`` under grouped-query attention), ``kv`` (head width), ``vocab``.
     Activations: ``act_batch`` (batch or token groups), ``act_length``, ``act_embed``, ``act_expert``
     (the expert dim of dispatched buffers), ``act_capacity``, ``act_mlp``.
 
@@ -59,6 +60,9 @@ PRESETS: dict[str, Rules] = {
     + (("embed", None), ("mlp", "tensor"), ("expert", "expert"), ("heads", "tensor"), ("kv", None))
     + (("vocab", "tensor"), ("act_expert", "expert"), ("act_mlp", "tensor"), ("act_heads", "tensor")),
 }
+
+# Key/value heads are laid out like the query heads in every preset (grouped-query attention included).
+PRESETS = {name: rules + (("kv_heads", dict(rules)["heads"]),) for name, rules in PRESETS.items()}
 
 
 def preset_rules(name: str) -> Rules:

@@ -4,6 +4,11 @@
 with the library); ``reference_forward`` evaluates *every* expert on *every* token in float64 and masks by
 that routing; ``dense_jax_forward`` is the same computation as a differentiable float64 JAX function (routing
 decisions held fixed) for gradient references.
+
+Router scores: ``softmax`` (probabilities) or ``sigmoid`` (DeepSeek-V3: 1 / (1 + exp(-logit)) per expert;
+gates are the selected scores; the balance loss and entropy use the scores divided by their per-token sum).
+``routed_scaling_factor`` multiplies the routed combine weights after renormalisation; a ``w_shared_gate``
+parameter scales the shared experts' output by sigmoid(x · w_shared_gate) (Qwen2-MoE).
 """
 
 from __future__ import annotations
@@ -30,6 +35,21 @@ def _softmax(z):
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def scores_np(logits, score_fn):
+    """(gate scores, per-token distribution for the losses) in float64, written out per score function."""
+    logits = np.asarray(logits, np.float64)
+    if score_fn == "softmax":
+        probs = _softmax(logits)
+        return probs, probs
+    assert score_fn == "sigmoid", score_fn
+    scores = _sigmoid(logits)
+    return scores, scores / scores.sum(axis=-1, keepdims=True)
 
 
 def act_np(name, gate, up):
@@ -59,6 +79,8 @@ def layer_params(layer) -> dict:
             "shared_w_down": get(layer.shared_w_down),
         }
     params["bias"] = None if layer.selection_bias is None else get(layer.selection_bias)
+    if getattr(layer, "w_shared_gate", None) is not None:
+        params["w_shared_gate"] = get(layer.w_shared_gate)
     return params
 
 
@@ -73,6 +95,8 @@ def reference_routing(
     token_major: bool = False,
     bias_E: np.ndarray | None = None,
     mask_GS: np.ndarray | None = None,
+    score_fn: str = "softmax",
+    routed_scaling_factor: float = 1.0,
 ):
     """Returns (gates [G, S, E] combine weights, RefRouting-like dict of metrics).
 
@@ -80,8 +104,8 @@ def reference_routing(
     ``token_major`` (causal decoders), token by token with all K choices of a token together.
     """
     G, S, E = logits_GSE.shape
-    probs = _softmax(logits_GSE.astype(np.float64))
-    scores = probs if bias_E is None else probs + bias_E
+    gate_scores, probs = scores_np(logits_GSE, score_fn)
+    scores = gate_scores if bias_E is None else gate_scores + bias_E
     mask = np.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
     combine = np.zeros((G, S, E))
     selected = np.zeros((G, S, E))  # token choice: every top-K choice, before capacity drops
@@ -92,11 +116,12 @@ def reference_routing(
         if router == "token_choice":
             choice = np.argsort(-scores[g], axis=-1, kind="stable")[:, :top_k]  # ties: lower index first
             np.put_along_axis(selected[g], choice, 1.0, axis=-1)
-            gate = np.take_along_axis(probs[g], choice, axis=-1)
+            gate = np.take_along_axis(gate_scores[g], choice, axis=-1)
             if normalize_gates:
                 gate = gate / gate.sum(axis=-1, keepdims=True)
+            gate = gate * routed_scaling_factor
             if batch_prioritized:
-                order = np.argsort(-probs[g].max(axis=-1), kind="stable")
+                order = np.argsort(-gate_scores[g].max(axis=-1), kind="stable")
             else:
                 order = np.arange(S)
             fill = np.zeros(E, int)
@@ -118,7 +143,7 @@ def reference_routing(
             for e in range(E):
                 cand = [s for s in np.argsort(-scores[g, :, e], kind="stable") if mask[g, s]][:c]
                 for s in cand:
-                    combine[g, s, e] += probs[g, s, e]
+                    combine[g, s, e] += probs[g, s, e] * routed_scaling_factor
                     taken[g, s] = True
                     counts[e] += 1
     if router == "token_choice":
@@ -165,40 +190,69 @@ def reference_forward(x_BLD, params, *, activation="swiglu", group_size=None, ma
     if params.get("shared_w_up") is not None:
         up = x_GSD.reshape(G * S, D) @ params["shared_w_up"]
         gate = None if params["shared_w_gate"] is None else x_GSD.reshape(G * S, D) @ params["shared_w_gate"]
-        y = y + act_np(activation, gate, up) @ params["shared_w_down"]
+        shared = act_np(activation, gate, up) @ params["shared_w_down"]
+        if params.get("w_shared_gate") is not None:
+            shared = shared * _sigmoid(x_GSD.reshape(G * S, D) @ params["w_shared_gate"])
+        y = y + shared
     return y.reshape(B, L, D), metrics, combine
 
 
-def dense_jax_forward(params, x_BLD, combine_GSE, *, activation, normalize_gates, router, group_size=None):
+def _act_jax(activation, gate, up):
+    if gate is None:
+        return {
+            "gelu": lambda u: jax.nn.gelu(u, approximate=False),
+            "relu": jax.nn.relu,
+            "silu": jax.nn.silu,
+        }[activation](up)
+    fn = jax.nn.silu if activation == "swiglu" else (lambda u: jax.nn.gelu(u, approximate=False))
+    return fn(gate) * up
+
+
+def dense_jax_forward(
+    params,
+    x_BLD,
+    combine_GSE,
+    *,
+    activation,
+    normalize_gates,
+    router,
+    group_size=None,
+    score_fn="softmax",
+    routed_scaling_factor=1.0,
+):
     """Differentiable float64 reference with fixed routing decisions (which (token, expert) pairs count).
 
     Gates are recomputed from the router so gradients flow into it exactly as in the layer: token choice
-    uses softmax probabilities of the selected experts (renormalised over the token's selected set when
-    ``normalize_gates``); expert choice uses the raw probabilities.
+    uses the scores (softmax probabilities or sigmoids) of the selected experts (renormalised over the
+    token's selected set when ``normalize_gates``); expert choice uses the raw probabilities; both times
+    ``routed_scaling_factor``. Shared experts (and their sigmoid gate) are added when ``params`` has them.
     """
     B, L, D = x_BLD.shape
     G, S = (B, L) if group_size is None else (B * L // group_size, group_size)
     x_TD = x_BLD.reshape(G * S, D)
     selected_TE = jnp.asarray(combine_GSE.reshape(G * S, -1) != 0, jnp.float64)
-    probs_TE = jax.nn.softmax(x_TD @ params["router"], axis=-1)
+    logits_TE = x_TD @ params["router"]
+    if score_fn == "softmax":
+        scores_TE = jax.nn.softmax(logits_TE, axis=-1)
+    else:
+        assert score_fn == "sigmoid", score_fn
+        scores_TE = 1.0 / (1.0 + jnp.exp(-logits_TE))
     if router == "token_choice" and normalize_gates:
         # Every selected expert of a token (kept or dropped) is in the normaliser: recover the selection set
         # from the reference, passed in through params["selected_all"].
-        denom_T = jnp.sum(probs_TE * params["selected_all"], axis=-1, keepdims=True)
-        weights_TE = probs_TE / denom_T * selected_TE
+        denom_T = jnp.sum(scores_TE * params["selected_all"], axis=-1, keepdims=True)
+        weights_TE = scores_TE / denom_T * selected_TE
     else:
-        weights_TE = probs_TE * selected_TE
+        weights_TE = scores_TE * selected_TE
+    weights_TE = weights_TE * routed_scaling_factor
     up = jnp.einsum("td,edf->etf", x_TD, params["w_up"])
-    if params["w_gate"] is None:
-        hidden = {
-            "gelu": lambda u: jax.nn.gelu(u, approximate=False),
-            "relu": jax.nn.relu,
-            "silu": jax.nn.silu,
-        }[activation](up)
-    else:
-        g = jnp.einsum("td,edf->etf", x_TD, params["w_gate"])
-        fn = jax.nn.silu if activation == "swiglu" else (lambda u: jax.nn.gelu(u, approximate=False))
-        hidden = fn(g) * up
-    outs_ETD = jnp.einsum("etf,efd->etd", hidden, params["w_down"])
+    g = None if params["w_gate"] is None else jnp.einsum("td,edf->etf", x_TD, params["w_gate"])
+    outs_ETD = jnp.einsum("etf,efd->etd", _act_jax(activation, g, up), params["w_down"])
     y_TD = jnp.einsum("te,etd->td", weights_TE, outs_ETD)
+    if params.get("shared_w_up") is not None:
+        sg = None if params["shared_w_gate"] is None else x_TD @ params["shared_w_gate"]
+        shared_TD = _act_jax(activation, sg, x_TD @ params["shared_w_up"]) @ params["shared_w_down"]
+        if params.get("w_shared_gate") is not None:
+            shared_TD = shared_TD / (1.0 + jnp.exp(-(x_TD @ params["w_shared_gate"])))
+        y_TD = y_TD + shared_TD
     return y_TD.reshape(B, L, D)

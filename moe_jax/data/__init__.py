@@ -8,6 +8,9 @@ import importlib
 from moe_jax.data.errors import DatasetUnavailableError
 
 _LAZY = {
+    "LMData": "moe_jax.data.lm",
+    "make_lm_data": "moe_jax.data.lm",
+    "lm_data_from_texts": "moe_jax.data.lm",
     "Seq2SeqData": "moe_jax.data.pipeline",
     "make_seq2seq_data": "moe_jax.data.pipeline",
     "seq2seq_data_from_pairs": "moe_jax.data.pipeline",
@@ -23,8 +26,11 @@ def __getattr__(name):
 
 __all__ = [
     "DatasetUnavailableError",
+    "LMData",
     "Seq2SeqData",
     "Tokenizer",
+    "lm_data_from_texts",
+    "make_lm_data",
     "make_seq2seq_data",
     "seq2seq_data_from_pairs",
 ]

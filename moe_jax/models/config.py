@@ -177,10 +177,17 @@ class MoeConfig(Section):
         d_ff: expert width; ``None`` is the model's ``d_ff``.
         layers: block indices (per stack) with an MoE FFN; ``None`` is the model family's default (see the
             module docstring), ``()`` a dense model.
-        router: ``token_choice`` (softmax top-K; K=1 is Switch) or ``expert_choice``.
+        router: ``token_choice`` (top-K of the router scores; softmax K=1 is Switch) or ``expert_choice``.
         capacity_factor: capacity per expert relative to a balanced load; ``None`` is dropless.
         eval_capacity_factor: the capacity factor at evaluation; ``"same"`` is ``capacity_factor``.
-        normalize_gates: renormalise each token's K gates to sum to one.
+        normalize_gates: renormalise each token's K gates to sum to one (Mixtral, DeepSeek-V3; OLMoE and
+            Qwen-MoE do not).
+        score_fn: router scores: ``softmax`` over experts, or ``sigmoid`` per expert (DeepSeek-V3; token
+            choice only). Sigmoid selects by top-K of score + selection bias and gates by the selected scores;
+            the balance loss and entropy use the scores normalised per token (see ``MoeLayer``). No
+            group-limited selection (DeepSeek's n_group / topk_group).
+        routed_scaling_factor: multiplies the routed experts' combine weights after renormalisation
+            (DeepSeek-V3: 2.5); > 0.
         batch_prioritized: fill capacity by each token's top-1 gate instead of its position (V-MoE); a
             causal decoder refuses it unless ``allow_noncausal_routing``.
         capacity_multiple: round capacity up to a multiple of this.
@@ -191,6 +198,8 @@ class MoeConfig(Section):
             (per image in the ViT).
         num_shared_experts: always-active dense experts added to the routed output.
         shared_d_ff: width of each shared expert; ``None`` is the expert width.
+        shared_expert_gate: scale the shared experts' output per token by sigmoid(x · w_shared_gate)
+            (Qwen2-MoE); needs ``num_shared_experts >= 1``.
         jitter_noise: multiplicative router-input noise in training, x·U(1−ε, 1+ε).
         selection_bias: aux-loss-free balancing (DeepSeek-V3), updated every training step.
         selection_bias_rate: the bias update per step.
@@ -205,6 +214,8 @@ class MoeConfig(Section):
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None | str = "same"
     normalize_gates: bool = True
+    score_fn: str = routing_lib.SOFTMAX
+    routed_scaling_factor: float = 1.0
     batch_prioritized: bool = False
     capacity_multiple: int = 1
     dispatch: str = "auto"
@@ -213,6 +224,7 @@ class MoeConfig(Section):
     group_size: int | None = None
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
+    shared_expert_gate: bool = False
     jitter_noise: float = 0.0
     selection_bias: bool = False
     selection_bias_rate: float = 1e-3
@@ -243,7 +255,17 @@ class MoeConfig(Section):
                 f"eval_capacity_factor={ecf!r} must be a number > 0, None (dropless) or 'same' (the "
                 "training capacity_factor)"
             )
-        for name in ("normalize_gates", "batch_prioritized", "selection_bias", "allow_noncausal_routing"):
+        check_choice("score_fn", self.score_fn, routing_lib.SCORE_FNS)
+        if self.score_fn != routing_lib.SOFTMAX and self.router != routing_lib.TOKEN_CHOICE:
+            raise ConfigError(
+                f"score_fn={self.score_fn!r} needs router='token_choice' (router={self.router!r} ranks "
+                "softmax probabilities); use score_fn='softmax'"
+            )
+        rsf = self.routed_scaling_factor
+        if not (_is_number(rsf) and rsf > 0):
+            raise ConfigError(f"routed_scaling_factor={rsf!r} must be a number > 0")
+        names = ("normalize_gates", "batch_prioritized", "selection_bias", "allow_noncausal_routing")
+        for name in names + ("shared_expert_gate",):
             check_bool(name, getattr(self, name))
         check_int("capacity_multiple", self.capacity_multiple)
         check_choice("dispatch", self.dispatch, DISPATCH_CHOICES)
@@ -252,6 +274,11 @@ class MoeConfig(Section):
         check_optional_int("group_size", self.group_size)
         check_int("num_shared_experts", self.num_shared_experts, 0)
         check_optional_int("shared_d_ff", self.shared_d_ff)
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ConfigError(
+                "shared_expert_gate=True gates the shared experts but num_shared_experts=0; set "
+                "num_shared_experts >= 1"
+            )
         if not (_is_number(self.jitter_noise) and 0.0 <= self.jitter_noise < 1.0):
             raise ConfigError(f"jitter_noise={self.jitter_noise!r} must be in [0, 1)")
         if not (_is_number(self.selection_bias_rate) and self.selection_bias_rate >= 0):
@@ -329,10 +356,13 @@ class MoeConfig(Section):
             capacity_factor=self.capacity_factor,
             eval_capacity_factor=self.eval_capacity_factor,
             normalize_gates=self.normalize_gates,
+            score_fn=self.score_fn,
+            routed_scaling_factor=self.routed_scaling_factor,
             activation=activation,
             dispatch=self.dispatch,
             num_shared_experts=self.num_shared_experts,
             shared_d_ff=self.shared_d_ff,
+            shared_expert_gate=self.shared_expert_gate,
             group_size=self.group_size,
             capacity_multiple=self.capacity_multiple,
             batch_prioritized=self.batch_prioritized,

@@ -45,25 +45,36 @@ class MoeLayer(nnx.Module):
         num_experts: E routed experts.
         top_k: K experts per token (token choice); for expert choice, the nominal experts per token that
             sets the capacity.
-        router: ``"token_choice"`` (softmax top-K; K=1 is Switch) or ``"expert_choice"``.
+        router: ``"token_choice"`` (top-K of the scores; softmax K=1 is Switch) or ``"expert_choice"``.
         capacity_factor: ``None`` is dropless (token choice). Otherwise each expert takes
             C = ceil(K·S·capacity_factor/E) assignments per group (rounded up to ``capacity_multiple``); the
             rest are dropped in priority order. Expert choice with ``None`` uses 1.0.
         eval_capacity_factor: capacity factor when ``deterministic`` (evaluation); defaults to
             ``capacity_factor``.
-        normalize_gates: renormalise the K gates of a token to sum to one.
+        normalize_gates: renormalise the K gates of a token to sum to one (Mixtral, DeepSeek-V3; OLMoE and
+            Qwen-MoE do not).
+        score_fn: router scores, ``"softmax"`` over the experts or ``"sigmoid"`` per expert (DeepSeek-V3,
+            token choice only): experts are selected by top-K of sigmoid(logits) + selection bias, the gates
+            are the selected sigmoid scores (renormalised with ``normalize_gates``). The load-balancing
+            loss's P_e and the router entropy then use the scores normalised per token to sum to one; the
+            z-loss is unchanged. DeepSeek-V3's group-limited selection (n_group / topk_group) is not
+            implemented: top-K runs over all experts.
+        routed_scaling_factor: multiplies the routed experts' combine weights after the optional
+            renormalisation (DeepSeek-V3 uses 2.5); > 0. Shared experts are not scaled.
         activation: ``swiglu`` / ``geglu`` (gated, with ``w_gate``) or ``gelu`` / ``relu`` / ``silu``.
         dispatch: ``einsum``, ``indices``, ``grouped`` or ``auto`` (``grouped`` when dropless, else
             ``einsum`` on TPU and ``indices`` elsewhere).
         num_shared_experts: always-active dense experts of width ``shared_d_ff`` each (default ``d_ff``),
             added to the routed output (DeepSeek-MoE style), stored fused as one FFN.
         shared_d_ff: width of each shared expert.
+        shared_expert_gate: multiply the shared experts' output per token by sigmoid(x · w_shared_gate),
+            ``w_shared_gate`` a [D, 1] parameter (Qwen2-MoE); needs ``num_shared_experts >= 1``.
         group_size: tokens per routing group (capacity is per group). ``None``: one group per sequence.
         capacity_multiple: round C up to a multiple of this (hardware-friendly buffer shapes).
         batch_prioritized: capacity priority by top-1 gate value instead of position (V-MoE BPR).
         jitter_noise: multiplicative uniform noise on the router input in training, x·U(1−ε, 1+ε).
         selection_bias: keep a per-expert selection bias (aux-loss-free balancing, DeepSeek-V3). It is
-            added to the router probabilities for selection only (gates stay unbiased).
+            added to the router scores for selection only (gates stay unbiased).
         selection_bias_rate: with ``selection_bias``, every training call (``deterministic=False``)
             updates the bias by ``update_selection_bias(bias, this call's expert_load, rate)`` after routing
             with the old bias; 0 freezes it (then update it yourself). Training steps that merge the model
@@ -98,10 +109,13 @@ class MoeLayer(nnx.Module):
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None | str = "same",
         normalize_gates: bool = True,
+        score_fn: str = routing_lib.SOFTMAX,
+        routed_scaling_factor: float = 1.0,
         activation: str = "swiglu",
         dispatch: str = "auto",
         num_shared_experts: int = 0,
         shared_d_ff: int | None = None,
+        shared_expert_gate: bool = False,
         group_size: int | None = None,
         capacity_multiple: int = 1,
         batch_prioritized: bool = False,
@@ -123,6 +137,16 @@ class MoeLayer(nnx.Module):
             raise ValueError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}]")
         if router not in routing_lib.ROUTERS:
             raise ValueError(f"router={router!r} is unknown; choose one of {routing_lib.ROUTERS}")
+        if score_fn not in routing_lib.SCORE_FNS:
+            raise ValueError(f"score_fn={score_fn!r} is unknown; choose one of {routing_lib.SCORE_FNS}")
+        if score_fn != routing_lib.SOFTMAX and router != routing_lib.TOKEN_CHOICE:
+            raise ValueError(
+                f"score_fn={score_fn!r} needs router='token_choice'; expert choice ranks softmax "
+                "probabilities (use score_fn='softmax')"
+            )
+        rsf = routed_scaling_factor
+        if isinstance(rsf, bool) or not isinstance(rsf, int | float) or not rsf > 0:
+            raise ValueError(f"routed_scaling_factor={routed_scaling_factor!r} must be > 0")
         if eval_capacity_factor == "same":
             eval_capacity_factor = capacity_factor
         for name, value in (
@@ -143,6 +167,11 @@ class MoeLayer(nnx.Module):
             )
         if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an integer >= 0")
+        if shared_expert_gate and not num_shared_experts:
+            raise ValueError(
+                f"shared_expert_gate={shared_expert_gate!r} gates the shared experts but "
+                f"num_shared_experts={num_shared_experts}; set num_shared_experts >= 1"
+            )
         if group_size is not None:
             _check_positive_int("group_size", group_size)
         _check_positive_int("capacity_multiple", capacity_multiple)
@@ -166,6 +195,8 @@ class MoeLayer(nnx.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.normalize_gates = normalize_gates
+        self.score_fn = score_fn
+        self.routed_scaling_factor = float(routed_scaling_factor)
         self.activation = activation
         self.dispatch = dispatch
         self.group_size = group_size
@@ -213,6 +244,15 @@ class MoeLayer(nnx.Module):
         self.selection_bias = SelectionBias(jnp.zeros((E,), jnp.float32)) if selection_bias else None
         self.selection_bias_rate = selection_bias_rate
         self.jitter_rngs = nnx.Rngs(jitter=rngs.params()) if jitter_noise > 0 else None
+        # Drawn last, and only when enabled, so every other parameter (and the jitter key) is the same draw
+        # as in a layer without the gate.
+        self.w_shared_gate = (
+            sharding.param(
+                nnx.initializers.lecun_normal()(rngs.params(), (D, 1), param_dtype), ("embed", None)
+            )
+            if shared_expert_gate
+            else None
+        )
 
     # -- helpers -------------------------------------------------------------------------------------------
 
@@ -274,9 +314,10 @@ class MoeLayer(nnx.Module):
                 )
             G, S = T // self.group_size, self.group_size
         x_GSD = sharding.constrain(x_BLD.reshape(G, S, D), ("act_batch", "act_length", "act_embed"))
+        x32_GSD = x_GSD.astype(jnp.float32)
         mask_GS = None if mask_BL is None else mask_BL.reshape(G, S)
 
-        router_in_GSD = x_GSD.astype(jnp.float32)
+        router_in_GSD = x32_GSD
         if self.jitter_noise > 0 and not deterministic:
             noise = jax.random.uniform(
                 self.jitter_rngs.jitter(),
@@ -359,7 +400,16 @@ class MoeLayer(nnx.Module):
                 cast(self.shared_w_down),
                 self.activation,
             )
-            y_GSD = y_GSD + shared_TD.reshape(G, S, D).astype(jnp.float32)
+            shared_GSD = shared_TD.reshape(G, S, D).astype(jnp.float32)
+            if self.w_shared_gate is not None:
+                # Full float32 like the router logits (one dot per token): no TF32 / bf16 passes in the gate.
+                gate_logit_GS1 = jnp.matmul(
+                    x32_GSD,
+                    self.w_shared_gate[...].astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST,
+                )
+                shared_GSD = shared_GSD * jax.nn.sigmoid(gate_logit_GS1)
+            y_GSD = y_GSD + shared_GSD
         y_BLD = sharding.constrain(y_GSD.reshape(B, L, D), ("act_batch", "act_length", "act_embed"))
         return y_BLD.astype(self.dtype), aux
 
@@ -374,9 +424,16 @@ class MoeLayer(nnx.Module):
                 token_major_priority=self.causal and not self.batch_prioritized,
                 selection_bias_E=bias_E,
                 mask_GS=mask_GS,
+                score_fn=self.score_fn,
+                routed_scaling_factor=self.routed_scaling_factor,
             )
         return routing_lib.route_expert_choice(
-            logits_GSE, capacity=capacity, top_k=self.top_k, selection_bias_E=bias_E, mask_GS=mask_GS
+            logits_GSE,
+            capacity=capacity,
+            top_k=self.top_k,
+            selection_bias_E=bias_E,
+            mask_GS=mask_GS,
+            routed_scaling_factor=self.routed_scaling_factor,
         )
 
 

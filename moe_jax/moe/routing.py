@@ -5,6 +5,11 @@ token choice lists them token-major (``n = s·K + k``), expert choice expert-maj
 Every assignment also gets a *slot*, its position in the expert's capacity buffer of the group, given by the
 priority order; an assignment is *kept* when its token is real (not padding) and its slot is below capacity.
 
+Router scores (``score_fn``): ``softmax`` over the E logits (Switch, GShard, Mixtral, OLMoE, Qwen-MoE) or an
+independent ``sigmoid`` per expert (DeepSeek-V3). DeepSeek-V3's group-limited selection (``n_group`` /
+``topk_group``: first pick the best expert groups, then top-K inside them) is not implemented; its top-K runs
+over all E experts here.
+
 Everything here runs in float32 whatever the layer's compute dtype.
 """
 
@@ -19,6 +24,9 @@ from flax import struct
 TOKEN_CHOICE = "token_choice"
 EXPERT_CHOICE = "expert_choice"
 ROUTERS = (TOKEN_CHOICE, EXPERT_CHOICE)
+SOFTMAX = "softmax"
+SIGMOID = "sigmoid"
+SCORE_FNS = (SOFTMAX, SIGMOID)
 
 
 @struct.dataclass
@@ -66,6 +74,31 @@ def inverse_permutation(order_GN: jax.Array) -> jax.Array:
     return jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(jnp.arange(n, dtype=o.dtype)))(order_GN)
 
 
+def router_scores(logits_GSE: jax.Array, score_fn: str = SOFTMAX) -> tuple[jax.Array, jax.Array]:
+    """Gate scores and the per-token distribution over experts that the losses and metrics use.
+
+    Args:
+        logits_GSE: float32 router logits.
+        score_fn: ``softmax`` (both results are the softmax probabilities) or ``sigmoid`` (DeepSeek-V3: the
+            scores are sigmoid(logits), each in (0, 1) on its own; the distribution is the scores normalised
+            to sum to one per token, as DeepSeek-V3's sequence-wise balance loss uses them).
+
+    Returns:
+        ``(scores_GSE, probs_GSE)``: scores select experts (plus any selection bias) and give the gates;
+        ``probs_GSE`` sums to one over experts and feeds P_e of the load-balancing loss and the entropy.
+
+    Raises:
+        ValueError: an unknown ``score_fn``.
+    """
+    if score_fn == SOFTMAX:
+        probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+        return probs_GSE, probs_GSE
+    if score_fn == SIGMOID:
+        scores_GSE = jax.nn.sigmoid(logits_GSE)
+        return scores_GSE, scores_GSE / jnp.sum(scores_GSE, axis=-1, keepdims=True)
+    raise ValueError(f"score_fn={score_fn!r} is unknown; choose one of {SCORE_FNS}")
+
+
 def _slots_by_priority(expert_GN: jax.Array, priority_GN: jax.Array, num_experts: int) -> jax.Array:
     """Slot of each assignment: how many assignments to the same expert come earlier in priority.
 
@@ -91,38 +124,47 @@ def route_token_choice(
     token_major_priority: bool = False,
     selection_bias_E: jax.Array | None = None,
     mask_GS: jax.Array | None = None,
+    score_fn: str = SOFTMAX,
+    routed_scaling_factor: float = 1.0,
 ) -> Routing:
-    """Softmax top-K token-choice routing (K=1 is Switch).
+    """Top-K token-choice routing over softmax or sigmoid scores (softmax K=1 is Switch).
 
     Args:
         logits_GSE: router logits (cast to float32).
         top_k: experts per token.
         capacity: slots per expert per group; ``None`` is dropless.
-        normalize_gates: renormalise each token's K gates to sum to one (Mixtral); Switch (K=1) does not.
-        batch_prioritized: capacity priority by the token's top-1 gate (descending) instead of position.
+        normalize_gates: renormalise each token's K gates to sum to one (Mixtral, DeepSeek-V3); Switch (K=1)
+            and OLMoE do not.
+        batch_prioritized: capacity priority by the token's top-1 score (descending) instead of position.
             In both cases all first choices come before all second choices, and so on.
         token_major_priority: capacity priority by position first (all K choices of token 0, then token
             1, ...). Causal decoders need it: with the k-major order a later token's first choice can take
             the slot of an earlier token's second choice, so a token's output would depend on the future.
-        selection_bias_E: per-expert bias added to the probabilities for *selection only* (aux-loss-free
-            balancing); gates come from the unbiased probabilities.
+        selection_bias_E: per-expert bias added to the scores for *selection only* (aux-loss-free
+            balancing); gates come from the unbiased scores.
         mask_GS: True for real tokens; padding is never routed and is left out of losses and metrics.
+        score_fn: ``softmax`` or ``sigmoid`` (DeepSeek-V3), see :func:`router_scores`. With ``sigmoid`` the
+            gates are the sigmoid scores of the selected experts (renormalised over the K if
+            ``normalize_gates``), and P_e of the load-balancing loss and the router entropy use the scores
+            normalised per token to sum to one; the z-loss is the same logsumexp of the logits.
+        routed_scaling_factor: multiplies every gate after the optional renormalisation (DeepSeek-V3: 2.5).
     """
     logits_GSE = logits_GSE.astype(jnp.float32)
     G, S, E = logits_GSE.shape
-    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-    scores_GSE = probs_GSE if selection_bias_E is None else probs_GSE + selection_bias_E.astype(jnp.float32)
+    scores_GSE, probs_GSE = router_scores(logits_GSE, score_fn)
+    select_GSE = scores_GSE if selection_bias_E is None else scores_GSE + selection_bias_E.astype(jnp.float32)
     # A stable sort rather than lax.top_k: same choice (ties go to the lower expert index), and GSPMD keeps
     # a sort over the last dim sharded by groups, whereas its top-k gathers every group's scores.
-    expert_GSK = jnp.argsort(-scores_GSE, axis=-1, stable=True)[..., :top_k]
-    gates_GSK = jnp.take_along_axis(probs_GSE, expert_GSK, axis=-1)
+    expert_GSK = jnp.argsort(-select_GSE, axis=-1, stable=True)[..., :top_k]
+    gates_GSK = jnp.take_along_axis(scores_GSE, expert_GSK, axis=-1)
     if normalize_gates:
         gates_GSK = gates_GSK / jnp.sum(gates_GSK, axis=-1, keepdims=True)
+    gates_GSK = _scale(gates_GSK, routed_scaling_factor)
     mask_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS.astype(bool)
 
     # Priority: k-major (all first choices first), then token order within each k; or token-major.
     if batch_prioritized:
-        top1_GS = jnp.max(probs_GSE, axis=-1)
+        top1_GS = jnp.max(scores_GSE, axis=-1)
         order_GS = jnp.argsort(-top1_GS, axis=-1, stable=True)
         token_rank_GS = inverse_permutation(order_GS)
     else:
@@ -161,12 +203,14 @@ def route_expert_choice(
     top_k: int,
     selection_bias_E: jax.Array | None = None,
     mask_GS: jax.Array | None = None,
+    routed_scaling_factor: float = 1.0,
 ) -> Routing:
     """Expert-choice routing: each expert takes the ``capacity`` tokens of the group it scores highest.
 
-    The combine weight is the token's router probability for that expert (softmax over experts). A token
-    may be taken by several experts or by none; "dropped" then means taken by none. Ties go to the earlier
-    token. Padding is never taken (if an expert has more slots than real tokens, the rest stay empty).
+    The combine weight is the token's router probability for that expert (softmax over experts; sigmoid
+    scores are not offered here), times ``routed_scaling_factor``. A token may be taken by several experts or
+    by none; "dropped" then means taken by none. Ties go to the earlier token. Padding is never taken (if an
+    expert has more slots than real tokens, the rest stay empty).
     """
     logits_GSE = logits_GSE.astype(jnp.float32)
     G, S, E = logits_GSE.shape
@@ -178,7 +222,7 @@ def route_expert_choice(
     scores_GES = jnp.where(mask_GS[:, None, :], jnp.swapaxes(scores_GSE, 1, 2), -jnp.inf)
     _, token_GEC = jax.lax.top_k(scores_GES, capacity)
     probs_GES = jnp.swapaxes(probs_GSE, 1, 2)
-    weight_GEC = jnp.take_along_axis(probs_GES, token_GEC, axis=-1)
+    weight_GEC = _scale(jnp.take_along_axis(probs_GES, token_GEC, axis=-1), routed_scaling_factor)
     kept_GEC = jnp.take_along_axis(jnp.broadcast_to(mask_GS[:, None, :], (G, E, S)), token_GEC, axis=-1)
 
     n = E * capacity
@@ -199,6 +243,11 @@ def route_expert_choice(
         eligible=mask_GS.sum(),
     )
     return Routing(expert_GN, token_GN, weight_GN, slot_GN, kept_GN, stats, EXPERT_CHOICE, top_k)
+
+
+def _scale(gates: jax.Array, factor: float) -> jax.Array:
+    # Skipped at 1.0 so the default program (and its results) is exactly the unscaled one.
+    return gates if factor == 1.0 else gates * jnp.float32(factor)
 
 
 def routing_stats(
@@ -238,12 +287,14 @@ def aux_from_stats(stats: dict) -> dict:
 
     Returns:
         load_balancing_loss: E · Σ_e f_e · P_e, f_e the share of assignments routed to e (before capacity
-            drops), P_e the mean router probability of e.
+            drops), P_e the mean router probability of e (sigmoid scores: of the per-token scores normalised
+            to sum to one, as in DeepSeek-V3's balance loss, here averaged over all tokens of the batch).
         router_z_loss: mean over tokens of logsumexp(logits)².
         expert_load: f_e, [E], sums to one.
         dropped_fraction: share of assignments (token choice) or tokens (expert choice) that contribute
             nothing.
-        router_entropy: mean over tokens of the entropy of the router distribution (nats).
+        router_entropy: mean over tokens of the entropy of the router distribution (nats; sigmoid scores:
+            of the normalised scores).
         max_load_ratio: max_e f_e / mean_e f_e (1 is perfectly balanced).
     """
     counts_E = stats["assignment_count_E"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from moe_jax.errors import ConfigError
 from moe_jax.tasks.base import Task
 from moe_jax.tasks.classification import ImageClassificationTask
+from moe_jax.tasks.lm import LanguageModelingTask
 from moe_jax.tasks.seq2seq import Seq2SeqTask
 from moe_jax.tasks.vlm import VLMTask
 
@@ -13,6 +14,7 @@ TASKS: dict[str, type[Task]] = {
     "summarization": Seq2SeqTask,
     "image_classification": ImageClassificationTask,
     "vlm": VLMTask,
+    "language_modeling": LanguageModelingTask,
 }
 
 

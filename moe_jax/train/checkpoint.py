@@ -182,6 +182,12 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return dict(self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
+    def read_config(self, step: int) -> dict:
+        """The run config saved with ``step`` (as JSON values)."""
+        return dict(
+            self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        )
+
     def restore_latest(
         self,
         template: nnx.State,

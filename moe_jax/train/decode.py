@@ -1,4 +1,4 @@
-"""Greedy and beam-search decoding over a ``logits_fn``, shared by every generating task.
+"""Greedy and beam-search decoding over a ``logits_fn``, shared by every generating task, and LM generation.
 
 ``logits_fn(tokens_XL, t) -> logits_XLV`` runs the model over a fixed token buffer when position ``t`` is
 the last filled one (seq2seq: the decoder over the encoder output; VLM: the prefix-LM decoder over the image
@@ -10,6 +10,9 @@ Correctness first: the encoder runs once, and every decoding step re-runs the de
 MoE routing by ``decoder_mask_BL``), so one compiled program serves every step and a token's logits are
 computed exactly as in teacher-forced training. A KV cache would make a step O(L) instead of O(L²); at the
 sequence lengths of the offline tasks (≤ 64) the recompute costs less than the evaluation's other parts.
+
+The decoder-only LM generates with :func:`generate` (a KV cache, sampling with temperature / top-k / top-p);
+its no-cache path is the same recompute-everything reference.
 
 Outputs are ``int32[B, max_len]``: the generated tokens, ending with EOS when one was produced, pad 0 after.
 """
@@ -175,3 +178,122 @@ def to_token_lists(tokens_BL, eos_id: int) -> list[list[int]]:
             row = row[: row.index(eos_id)]
         out.append([t for t in row if t != 0])
     return out
+
+
+# -- Language-model generation: sampling, with or without a KV cache ------------------------------------
+
+
+def sample(
+    logits_BV: jax.Array, key: jax.Array | None, *, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
+    """The next token of each row: argmax at ``temperature`` 0, else a draw from the filtered softmax.
+
+    Args:
+        logits_BV: next-token logits.
+        key: randomness (unused when greedy).
+        temperature: logits are divided by it before filtering; 0 is greedy (static Python number).
+        top_k: keep the k most likely tokens (0 keeps all); tokens tied with the k-th are kept too.
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p`` (nucleus),
+            measured on the distribution left after ``top_k`` (renormalised); the most likely token is
+            always kept.
+
+    Returns:
+        ``int32[B]``.
+    """
+    logits_BV = logits_BV.astype(jnp.float32)
+    if temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    neg_inf = jnp.finfo(jnp.float32).min
+    if top_k:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, neg_inf, logits_BV)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        # A token is kept when the tokens more likely than it hold less than top_p.
+        keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p
+        cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, neg_inf, logits_BV)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    model,
+    prompt_BL: jax.Array,
+    lengths_B: jax.Array,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    key: jax.Array | None = None,
+    use_cache: bool = True,
+) -> jax.Array:
+    """Continues each prompt of a :class:`~moe_jax.models.DecoderLM` by up to ``max_new_tokens`` tokens.
+
+    With ``use_cache`` the prompt runs once (``prefill``) and each new token is one ``decode_step`` against
+    the cached keys and values: O(L) work per token. Without it every step re-runs the model over the
+    whole buffer of prompt plus tokens so far, masked to the filled positions: the O(L²) reference the
+    cached path must reproduce. With dropless MoE routing (the LM configs' default) the two give the same
+    tokens and logits: a token's experts do not depend on the other tokens. Capacity routing would make
+    them differ, because one token alone never meets the capacity competition of a full sequence.
+
+    Step ``t`` draws with ``fold_in(key, t)``, so a seed gives the same continuation on both paths.
+
+    Args:
+        model: the decoder (evaluation mode: routing deterministic).
+        prompt_BL: right-padded prompts (pad 0), usually starting with BOS.
+        lengths_B: real tokens of each prompt (≥ 1).
+        max_new_tokens: tokens to generate at most (static).
+        eos_id: a row stops after emitting it.
+        temperature, top_k, top_p: see :func:`sample` (static).
+        key: sampling randomness; needed when ``temperature`` > 0.
+
+    Returns:
+        ``int32[B, max_new_tokens]``: the new tokens, EOS included when produced, pad 0 after.
+    """
+    if temperature and key is None:
+        raise ValueError("generate: temperature > 0 samples, so pass key=jax.random.key(seed)")
+    key = jax.random.key(0) if key is None else key
+    B, Lp = prompt_BL.shape
+    L = Lp + max_new_tokens
+    rows_B = jnp.arange(B)
+    lengths_B = lengths_B.astype(jnp.int32)
+    positions_L = jnp.arange(L)
+    if use_cache:
+        logits_BLV, carry = model.prefill(prompt_BL, lengths_B, model.init_cache(B, L))
+
+        def advance(cache, tok_B, pos_B):
+            return model.decode_step(tok_B, pos_B, cache)
+    else:
+        carry = jnp.zeros((B, L), jnp.int32).at[:, :Lp].set(prompt_BL.astype(jnp.int32))
+        logits_BLV, _ = model(carry, mask_BL=positions_L[None] < lengths_B[:, None])
+
+        def advance(tokens_BL, tok_B, pos_B):
+            tokens_BL = tokens_BL.at[rows_B, pos_B].set(tok_B)
+            logits_BLV, _ = model(tokens_BL, mask_BL=positions_L[None] <= pos_B[:, None])
+            return logits_BLV[rows_B, pos_B], tokens_BL
+
+    def cond(loop):
+        t, _, _, _, done_B = loop
+        return (t < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(loop):
+        t, logits_BV, carry, out_BS, done_B = loop
+        key_t = jax.random.fold_in(key, t)
+        tok_B = sample(logits_BV, key_t, temperature=temperature, top_k=top_k, top_p=top_p)
+        tok_B = jnp.where(done_B, 0, tok_B)
+        out_BS = out_BS.at[:, t].set(tok_B)
+        logits_BV, carry = advance(carry, tok_B, lengths_B + t)
+        return t + 1, logits_BV, carry, out_BS, done_B | (tok_B == eos_id)
+
+    init = (
+        jnp.int32(0),
+        logits_BLV[rows_B, lengths_B - 1],
+        carry,
+        jnp.zeros((B, max_new_tokens), jnp.int32),
+        jnp.zeros((B,), bool),
+    )
+    return jax.lax.while_loop(cond, body, init)[3]

@@ -91,6 +91,9 @@ def validate_config(config, task=None) -> tuple[jax.sharding.Mesh, Any]:
     return mesh, rules
 
 
+_SUMS = ("loss_sum", "correct_sum", "weight_sum", "byte_sum")
+
+
 class Run:
     """Placement and compiled functions of one run (what the task's predictions and the loop share)."""
 
@@ -113,12 +116,12 @@ class Run:
         """Loss, accuracy (and perplexity for token tasks) on ``split``, plus routing metrics averaged
         over its batches (``<prefix>/moe/<layer>/<metric>``)."""
         cfg = self.config.eval
-        totals, routing, batches = np.zeros(3), {}, 0
+        totals, routing, batches = np.zeros(4), {}, 0
         for batch in self.data.eval_batches(
             split, int(cfg.batch_size), max_examples=cfg.get("max_eval_examples")
         ):
             out = jax.device_get(self.eval_fn(state, {k: self.put(batch[k]) for k in self.task.eval_keys}))
-            totals += [float(out["loss_sum"]), float(out["correct_sum"]), float(out["weight_sum"])]
+            totals += [float(out[k]) if k in out else 0.0 for k in _SUMS]
             batches += 1
             for k, v in out.items():
                 if k.startswith("moe/") and "/expert_count_" not in k:
@@ -127,6 +130,8 @@ class Run:
         metrics = {f"{prefix}_loss": totals[0] / n, f"{prefix}_accuracy": totals[1] / n}
         if self.task.token_level:
             metrics[f"{prefix}_perplexity"] = float(np.exp(min(totals[0] / n, 50.0)))
+        if totals[3] > 0:  # the task counts the bytes its tokens stand for
+            metrics[f"{prefix}_bits_per_byte"] = totals[0] / (np.log(2.0) * totals[3])
         metrics.update({f"{prefix}/{k}": (v / max(batches, 1)).tolist() for k, v in routing.items()})
         return metrics
 
@@ -275,6 +280,7 @@ def _run(config, task, workdir, mesh, rules, data, stream, evaluating, signals) 
             if step in saved:
                 return
             meta = {"step": step, **identity}
+            _keep_tokenizer(data, workdir)
             ckpt.save(step, state, config=config_json, meta=meta, data_iter=train_iter, val_loss=val_loss)
             saved.add(step)
 
@@ -348,6 +354,19 @@ def _run(config, task, workdir, mesh, rules, data, stream, evaluating, signals) 
         name = "eval_metrics.json" if evaluating else "final_metrics.json"
         _write_json_atomic(os.path.join(workdir, name), final)
         return final
+
+
+def _keep_tokenizer(data, workdir: str) -> None:
+    """Copies the run's SentencePiece model to ``WORKDIR/tokenizer.model`` beside its checkpoints (generation
+    reads it there; the prepared-data cache may be gone by then)."""
+    proto = getattr(getattr(data, "tokenizer", None), "model_proto", None)
+    path = os.path.join(workdir, "tokenizer.model")
+    if proto is None or os.path.exists(path):
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(proto)
+    os.replace(tmp, path)
 
 
 def _write_json_atomic(path: str, value) -> None:

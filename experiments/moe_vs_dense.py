@@ -1,0 +1,271 @@
+"""Does the sparse MoE reach a dense model's quality with less compute? Same data order, seed and steps.
+
+Arms, all derived from one config (``--config=configs/<task>.py[:variant]``; any task with
+``config.model.moe``):
+
+* ``moe``: the config as it is;
+* ``dense_active``: every MoE FFN replaced by a dense FFN of the width a token uses, K × expert width +
+  shared experts: equal active FLOPs per token. When the config's dense blocks already have that width the
+  model is a plain dense model (``moe.layers=()``); otherwise (e.g. the translation default, whose dense
+  blocks are narrower) each MoE layer becomes a one-expert layer of that width, which is exactly a dense FFN
+  (its gate is softmax over one logit, 1.0, and no token is dropped), so every other block stays as it is;
+* ``dense_total`` (``--arms``): the same with the width of all experts together: equal total parameters.
+
+For each arm it records validation loss every ``steps / --eval_points`` steps, the final validation and test
+metrics, parameter counts and training FLOPs ≈ 6 · N · tokens (N = active parameters doing matmuls, the
+embedding lookup excluded; attention scores are the same in every arm and left out), and reports how many
+steps the MoE needed to reach the ``dense_active`` arm's final validation loss. Writes ``results.json``
+(everything), ``results.md`` (table), ``curves.png`` (validation loss against steps and against training
+FLOPs) and each arm's ``metrics.jsonl`` / ``final_metrics.json`` into ``--out``. Run (2 CPU cores)::
+
+    python experiments/moe_vs_dense.py --config=configs/lm.py --steps 1500
+    python experiments/moe_vs_dense.py --config=configs/translation.py --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ARMS = ("moe", "dense_active", "dense_total")
+
+
+def load_config(spec: str, overrides=()):
+    """``path.py[:variant]`` → its ConfigDict, with ``KEY=VALUE`` overrides (Python literals) applied."""
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_experiment_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variant or "default")
+    for item in overrides:
+        key, _, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        section = config
+        for p in parents:
+            section = section[p]
+        section[leaf] = value
+    return config
+
+
+def ffn_widths(config) -> dict[str, int]:
+    """The FFN width a token uses in an MoE layer (``active``) and that of all its experts (``total``)."""
+    m, moe = config.model, config.model.moe
+    expert = moe.d_ff or m.d_ff
+    shared = (moe.num_shared_experts or 0) * (moe.shared_d_ff or expert)
+    return {"active": moe.top_k * expert + shared, "total": moe.num_experts * expert + shared}
+
+
+def arm_config(base, arm: str, steps: int, eval_every: int):
+    """The config of one arm (see the module docstring)."""
+    c = copy.deepcopy(base)
+    c.train.update(num_train_steps=steps, eval_every=eval_every, checkpoint_every=0)
+    c.train.log_every = max(min(c.train.log_every, steps // 10), 1)
+    c.optim.warmup_steps = min(c.optim.warmup_steps, max(steps // 10, 1))
+    if arm == "moe":
+        return c
+    width = ffn_widths(base)["active" if arm == "dense_active" else "total"]
+    moe = c.model.moe
+    num_layers = max(c.model.get("num_encoder_layers", 0) or 0, c.model.get("num_decoder_layers", 0) or 0)
+    moe_layers = set(range(1, num_layers, 2) if moe.layers is None else moe.layers)
+    all_moe = moe_layers >= set(range(num_layers))
+    if all_moe or c.model.d_ff == width:
+        c.model.d_ff = width
+        moe.layers = ()
+    else:
+        # One expert, top-1, dropless: its gate is 1.0 for every token, so the layer is a dense FFN.
+        moe.update(num_experts=1, top_k=1, d_ff=width, num_shared_experts=0, capacity_factor=None)
+        moe.eval_capacity_factor = None
+        moe.selection_bias = False
+        c.loss.update(lb_weight=0.0, z_weight=0.0)  # constant for one expert: nothing to balance
+    return c
+
+
+def model_size(task, config, data) -> dict[str, int]:
+    """Total and active parameters, and the active ones that do matmuls (``matmul``, for FLOPs)."""
+    from flax import nnx
+
+    from moe_jax.models.counting import parameter_counts
+
+    model = task.build_model(config, data)
+    counts = parameter_counts(model)
+    lookup = 0
+    if not config.model.get("tie_embeddings", True):
+        lookup = sum(
+            v.get_value().size
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            if "embed" in [str(getattr(k, "key", k)) for k in path]
+        )
+    counts["matmul"] = counts["active"] - lookup
+    return counts
+
+
+def _eval_curve(workdir: str) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):
+            if "val_loss" in row and row.get("kind") in ("eval", "final"):
+                if steps and row["step"] == steps[-1]:
+                    continue
+                steps.append(int(row["step"]))
+                losses.append(float(row["val_loss"]))
+    return steps, losses
+
+
+def steps_to_reach(steps: list[int], losses: list[float], target: float) -> float | None:
+    """First step at which the curve reaches ``target`` (linear between evaluations); None if never."""
+    for i, (s, loss) in enumerate(zip(steps, losses)):
+        if loss <= target:
+            if i == 0:
+                return float(s)
+            s0, l0 = steps[i - 1], losses[i - 1]
+            return s0 + (s - s0) * (l0 - target) / (l0 - loss)
+    return None
+
+
+def plot(results: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, r in results.items():
+        steps, losses = r["curve_steps"], r["curve_val_loss"]
+        flops = [s * r["train_flops_per_step"] for s in steps]
+        ax1.plot(steps, losses, marker="o", ms=3, label=arm)
+        ax2.plot(flops, losses, marker="o", ms=3, label=arm)
+    ax1.set(xlabel="training step", ylabel="validation loss (nats/token)", title=title)
+    ax2.set(
+        xlabel="training FLOPs (6 · active matmul params · tokens)", ylabel="validation loss", xscale="log"
+    )
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: dict, summary: dict) -> str:
+    has_bpb = any("val_bits_per_byte" in r["final"] for r in results.values())
+    head = "| arm | params (total) | active / token | FFN width | val loss | val ppl |"
+    head += " val bits/byte |" if has_bpb else ""
+    head += " test loss | train s | s/step |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for arm, r in results.items():
+        f = r["final"]
+        row = (
+            f"| {arm} | {r['params']['total']:,} | {r['params']['active']:,} | {r['ffn_width']} | "
+            f"{f['val_loss']:.4f} | {f.get('val_perplexity', float('nan')):.2f} |"
+        )
+        row += f" {f['val_bits_per_byte']:.4f} |" if has_bpb else ""
+        row += f" {f['test_loss']:.4f} | {f['train_seconds']:.0f} | {f['train_seconds'] / r['steps']:.3f} |"
+        lines.append(row)
+    lines.append("")
+    reach = summary.get("moe_steps_to_dense_active_final")
+    if reach is None:
+        lines.append(
+            f"The MoE did not reach the dense_active arm's final validation loss "
+            f"({summary['dense_active_final_val_loss']:.4f}) within {summary['steps']} steps."
+        )
+    else:
+        lines.append(
+            f"The MoE reached the dense_active arm's final validation loss "
+            f"({summary['dense_active_final_val_loss']:.4f}) at step {reach:.0f} of {summary['steps']} "
+            f"({100 * reach / summary['steps']:.0f}% of the steps; the goal is <= 70%)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/lm.py", help="path.py[:variant]")
+    parser.add_argument("--steps", type=int, default=0, help="0: the config's num_train_steps")
+    parser.add_argument("--eval_points", type=int, default=15, help="validation evaluations per arm")
+    parser.add_argument("--arms", default="moe,dense_active", help=f"comma-separated, from {ARMS}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--out", default="", help="default: experiments/results/moe_vs_dense_<config>")
+    args = parser.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or "dense_active" not in arms or "moe" not in arms:
+        parser.error(f"--arms={args.arms}: needs moe and dense_active, optionally dense_total; unknown {bad}")
+
+    from moe_jax.tasks import get_task
+    from moe_jax.train import loop
+
+    base = load_config(args.config, args.set)
+    steps = args.steps or int(base.train.num_train_steps)
+    eval_every = max(steps // max(args.eval_points, 1), 1)
+    name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
+    variant = args.config.partition(":")[2]
+    suffix = f"_{variant}" if variant else ""
+    out = args.out or os.path.join("experiments", "results", f"moe_vs_dense_{name}{suffix}")
+    os.makedirs(out, exist_ok=True)
+    task = get_task(base)
+    data = task.load_data(base)
+    first_batch = next(data.train_iter(int(base.train.batch_size), seed=int(base.seed)))
+    tokens_per_step = task.count_tokens(first_batch)
+
+    results = {}
+    for arm in arms:
+        config = arm_config(base, arm, steps, eval_every)
+        workdir = os.path.join(out, arm)
+        shutil.rmtree(workdir, ignore_errors=True)  # every run of the experiment starts fresh
+        print(f"=== {arm}", flush=True)
+        t0 = time.time()
+        final = loop.train_and_evaluate(config, workdir, data=data)
+        shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)  # outputs are the metrics
+        params = model_size(get_task(config), config, data)
+        curve_steps, curve_loss = _eval_curve(workdir)
+        results[arm] = {
+            "steps": steps,
+            "params": params,
+            "ffn_width": ffn_widths(base)["active"] if arm != "dense_total" else ffn_widths(base)["total"],
+            "tokens_per_step": tokens_per_step,
+            "train_flops_per_step": 6.0 * params["matmul"] * tokens_per_step,
+            "final": final,
+            "wall_seconds": time.time() - t0,
+            "curve_steps": curve_steps,
+            "curve_val_loss": curve_loss,
+        }
+        if arm == "moe":
+            results[arm]["ffn_width"] = f"{base.model.moe.top_k}x{base.model.moe.d_ff or base.model.d_ff}"
+    target = results["dense_active"]["final"]["val_loss"]
+    reach = steps_to_reach(results["moe"]["curve_steps"], results["moe"]["curve_val_loss"], target)
+    summary = {
+        "config": args.config,
+        "overrides": args.set,
+        "steps": steps,
+        "dense_active_final_val_loss": target,
+        "moe_steps_to_dense_active_final": reach,
+        "moe_step_fraction": None if reach is None else reach / steps,
+        "moe_minus_dense_active_final_val_loss": results["moe"]["final"]["val_loss"] - target,
+    }
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"summary": summary, "arms": results}, f, indent=1, default=float)
+    text = table(results, summary)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(f"`python experiments/moe_vs_dense.py --config={args.config} --steps {steps}`\n\n" + text)
+    print(text, flush=True)
+    plot(results, os.path.join(out, "curves.png"), f"{args.config}, {steps} steps")
+    print(f"wrote {out}/results.json, results.md, curves.png", flush=True)
+    return {"summary": summary, "arms": results}
+
+
+if __name__ == "__main__":
+    main()
