@@ -55,6 +55,16 @@ def _train_translation():
 _TRAINERS = {"clf": _train_clf, "vit": _train_vit, "translation": _train_translation}
 
 
+def _train_lm():
+    # Dense blocks, like the translation model: here for its files and its predict() checks.
+    m = SparseMoeModel(task="language_modeling", moe_layers=(), **TINY)
+    m.train(list(PAIRS[0]), epochs=1)
+    return m
+
+
+_TRAINERS["lm"] = _train_lm
+
+
 class Trained:
     """The tiny trained models and their saved directories, each built on first use, once per module."""
 
@@ -468,6 +478,92 @@ CASES = [
     ),
 ]
 
+LM = "language_modeling"
+
+
+def _other_vocabulary(d: Path, trained: Trained) -> None:
+    """The translation model's tokenizer (normalizing, no byte fallback) and a config of its size."""
+    copy_from("translation", "tokenizer.model")(d, trained)
+    size = trained.model("translation").model.cfg.vocab_size
+    edit_config(_setitem(("model_config", "vocab_size"), size))(d, trained)
+
+
+# Language modelling (task='language_modeling').
+CASES += [
+    Case(
+        "lm-labels-given",
+        ("labels must be None", "learns from the texts alone"),
+        train(LM, ["a b", "c d"], ["x", "y"]),
+    ),
+    Case("lm-texts-string", ("data must be a list of strings",), train(LM, "the cat sat", None)),
+    Case("lm-texts-empty-list", ("data is empty",), train(LM, [], None)),
+    Case("lm-texts-whitespace", ("data[1]", "whitespace"), train(LM, ["a b", " \n"], None)),
+    Case("lm-texts-none", ("data[1]", "NoneType"), train(LM, ["a b", None], None)),
+    Case("lm-texts-bytes", ("data[0]", "bytes"), train(LM, [b"a b"], None)),
+    Case("lm-vocab-too-small", ("vocab_size=100", ">= 261"), lambda c: new(LM, vocab_size=100)),
+    Case("lm-seq-len-one", ("seq_len=1",), lambda c: new(LM, seq_len=1)),
+    Case("lm-encoder-layers", ("num_encoder_layers",), lambda c: new(LM, num_encoder_layers=2)),
+    Case("lm-expert-choice", ("expert_choice",), lambda c: new(LM, router="expert_choice")),
+    Case("lm-predict-before-train", ("not trained yet",), lambda c: new(LM).predict(["the"])),
+    Case("lm-predict-no-prompts", ("data is empty",), lambda c: c.model("lm").predict([])),
+    Case("lm-predict-prompt-string", ("data must be a list",), lambda c: c.model("lm").predict("the")),
+    Case("lm-predict-prompt-int", ("data[1]", "int"), lambda c: c.model("lm").predict(["a", 3])),
+    Case(
+        "lm-max-new-tokens-zero",
+        ("max_new_tokens=0",),
+        lambda c: c.model("lm").predict(["a"], max_new_tokens=0),
+    ),
+    Case(
+        "lm-temperature-negative",
+        ("temperature=-1.0",),
+        lambda c: c.model("lm").predict(["a"], temperature=-1.0),
+    ),
+    Case("lm-top-p-zero", ("top_p=0.0", "(0, 1]"), lambda c: c.model("lm").predict(["a"], top_p=0.0)),
+    Case("lm-top-p-above-one", ("top_p=1.5",), lambda c: c.model("lm").predict(["a"], top_p=1.5)),
+    Case("lm-top-k-negative", ("top_k=-1",), lambda c: c.model("lm").predict(["a"], top_k=-1)),
+    Case("lm-seed-negative", ("seed=-1",), lambda c: c.model("lm").predict(["a"], seed=-1)),
+    Case(
+        "lm-predict-unknown-keyword",
+        ("'max_tokens'", "did you mean 'max_new_tokens'"),
+        lambda c: c.model("lm").predict(["a"], max_tokens=4),
+    ),
+    Case(
+        "generation-option-for-classifier",
+        ("temperature", "task='language_modeling' only"),
+        lambda c: c.model("clf").predict(X, temperature=1.0),
+    ),
+    Case(
+        "lm-tokenizer-missing",
+        ("tokenizer.model is missing",),
+        source="lm",
+        damage=remove("tokenizer.model"),
+    ),
+    Case(
+        "lm-tokenizer-not-byte-fallback",
+        ("tokenizer.model is not a byte-fallback vocabulary",),
+        source="lm",
+        damage=_other_vocabulary,
+    ),
+    Case(
+        "lm-meta-seq-len-missing",
+        ("config.json", "meta.seq_len is missing"),
+        source="lm",
+        damage=edit_config(lambda c: c["meta"].pop("seq_len")),
+    ),
+    Case(
+        "lm-meta-seq-len-one",
+        ("config.json", "meta.seq_len=1"),
+        source="lm",
+        damage=edit_config(_setitem(("meta", "seq_len"), 1)),
+    ),
+    Case(
+        "lm-state-of-another-model",
+        ("state.msgpack does not match config.json",),
+        source="lm",
+        damage=copy_from("translation", "state.msgpack"),
+    ),
+]
+
 
 def _hashes(directory: Path) -> dict[str, str]:
     return {
@@ -480,7 +576,7 @@ def _hashes(directory: Path) -> dict[str, str]:
 def test_catalogue_is_large_and_covers_every_family():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(CASES) >= 25
-    assert {c.source for c in CASES if c.source} == {"clf", "vit", "translation"}
+    assert {c.source for c in CASES if c.source} == {"clf", "vit", "translation", "lm"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

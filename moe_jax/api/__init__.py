@@ -1,10 +1,15 @@
 """The quick API: ``SparseMoeModel`` trains sparse Mixture-of-Experts Transformers on in-memory data.
 
-Three model families sit behind one class, one module each:
+Four model families sit behind one class, one module each:
 
 * Sequence-to-sequence (``task='translation' | 'summarization' | 'seq2seq'``, :mod:`moe_jax.api.seq2seq`):
   lists of input and target strings; the project's encoder-decoder, trained by the trainer's own step and
   decoded greedily.
+* Language modelling (``task='language_modeling'``, :mod:`moe_jax.api.lm`): a list of documents (strings);
+  the project's decoder-only :class:`~moe_jax.models.DecoderLM` over a byte-fallback SentencePiece
+  vocabulary, trained by the trainer's own step on packed rows; ``predict(prompts, max_new_tokens=32,
+  temperature=0.0, top_k=0, top_p=1.0, seed=0)`` returns each prompt's continuation, generated with the KV
+  cache (greedy, or sampled). Routing is dropless unless ``capacity_factor`` is given.
 * Feature classification (``task='classification'``, :mod:`moe_jax.api.features`): NumPy features
   ``[N, F]`` or ``[N, L, F]`` and labels ``[N]``, through a
   :class:`~moe_jax.models.feature_classifier.FeatureClassifier`.

@@ -1,8 +1,8 @@
 """``SparseMoeModel``: the class behind ``from moe_jax import SparseMoeModel`` (see the package docstring).
 
 The task families live in their own modules as mixins that share this class's state (``_model``,
-``_meta``, ``_extras`` ...): :mod:`moe_jax.api.seq2seq`, :mod:`moe_jax.api.features` and
-:mod:`moe_jax.api.vision`. This module holds what is common: argument checks, the training loop, save and
+``_meta``, ``_extras`` ...): :mod:`moe_jax.api.seq2seq`, :mod:`moe_jax.api.lm`, :mod:`moe_jax.api.features`
+and :mod:`moe_jax.api.vision`. This module holds what is common: argument checks, the training loop, save and
 load.
 """
 
@@ -33,6 +33,15 @@ from moe_jax.api._common import (
     split_model_overrides,
 )
 from moe_jax.api.features import FEATURE_OPTIONS, FEATURE_TASK, FeatureTask, check_features_meta
+from moe_jax.api.lm import (
+    LM_OPTIONS,
+    LM_TASK,
+    MIN_VOCAB,
+    GenerationOptions,
+    LanguageModelTask,
+    check_lm_labels,
+    check_lm_meta,
+)
 from moe_jax.api.seq2seq import SEQ2SEQ_OPTIONS, SEQ2SEQ_TASKS, Seq2SeqTask, check_seq2seq_meta
 from moe_jax.api.vision import (
     IMAGE_OPTIONS,
@@ -45,7 +54,7 @@ from moe_jax.api.vision import (
 from moe_jax.models.transformer import ModelConfig
 from moe_jax.models.vit import ViTConfig
 
-TASKS = (*SEQ2SEQ_TASKS, FEATURE_TASK, IMAGE_TASK)
+TASKS = (*SEQ2SEQ_TASKS, LM_TASK, FEATURE_TASK, IMAGE_TASK)
 # 2: nested MoE config (model_config["moe"]) and one Block (ViT parameters self_attn / self_norm).
 _FORMAT_VERSION = 2
 # Options of every task that are not architecture fields: loss and optimizer knobs.
@@ -57,14 +66,21 @@ _COMMON_OPTIONS = {
 # The Transformer tasks (seq2seq and feature classification) have always accepted each other's options.
 _TRANSFORMER_OPTIONS = {**SEQ2SEQ_OPTIONS, **FEATURE_OPTIONS, **_COMMON_OPTIONS}
 _IMAGE_OPTIONS = {**IMAGE_OPTIONS, **_COMMON_OPTIONS}
+_LM_OPTIONS = {**LM_OPTIONS, **_COMMON_OPTIONS}
 _TRAIN_ARGS = ("data", "labels", "epochs", "learning_rate", "batch_size", "verbose")
+_PREDICT_ARGS = ("data", "batch_size")
+_GENERATION_ARGS = tuple(f.name for f in dataclasses.fields(GenerationOptions))
+# capacity_factor="auto": 1.25 (the Switch / GShard training capacity), dropless for the language model.
+_AUTO_CAPACITY = 1.25
 
 
-class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
+class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
     """A sparse Mixture-of-Experts Transformer you can train, use and save in a few lines.
 
     Sequence-to-sequence tasks (``'translation'``, ``'summarization'``, ``'seq2seq'``; the three are the
     same encoder-decoder) learn from Python lists of strings and predict strings by greedy decoding;
+    ``'language_modeling'`` learns a decoder-only language model from a list of documents (strings) and
+    predicts each prompt's continuation (greedy or sampled, with a KV cache);
     ``'classification'`` learns from NumPy features ``[N, F]`` or ``[N, L, F]`` and integer (or string)
     labels and predicts labels; ``'image_classification'`` does the same from NumPy images
     ``[N, H, W, C]`` (uint8 or float) with a V-MoE Vision Transformer. See the package docstring for the
@@ -86,18 +102,24 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
     >>> _ = tr.train(["one two", "two three", "three one"], ["eins zwei", "zwei drei", "drei eins"], epochs=1)
     >>> [type(s).__name__ for s in tr.predict(["one two"])]
     ['str']
+    >>> lm = SparseMoeModel(task="language_modeling", num_experts=4, top_k=2, d_model=16, num_layers=1)
+    >>> _ = lm.train(["the cat sat on the mat", "the dog sat on the log"], epochs=1)
+    >>> [type(s).__name__ for s in lm.predict(["the cat"], max_new_tokens=4)]
+    ['str']
 
     Images go the same way: ``SparseMoeModel(task="image_classification", ...).train(images, labels)`` with
     ``images`` ``[N, H, W, C]`` (the README and ``tests/test_vision_api.py`` train one on the 8×8 digits).
 
     Args:
-        task: ``'translation'``, ``'summarization'``, ``'seq2seq'``, ``'classification'`` or
-            ``'image_classification'``.
+        task: ``'translation'``, ``'summarization'``, ``'seq2seq'``, ``'language_modeling'``,
+            ``'classification'`` or ``'image_classification'``.
         num_experts: experts per MoE layer.
         top_k: experts each token is routed to (1 ≤ top_k ≤ num_experts).
         d_model: model width.
-        num_layers: Transformer blocks (per stack: the encoder-decoder has ``num_layers`` of each).
+        num_layers: Transformer blocks (per stack: the encoder-decoder has ``num_layers`` of each, the
+            language model ``num_layers`` decoder blocks).
         capacity_factor: expert capacity relative to a perfectly balanced load; ``None`` is dropless.
+            ``'auto'`` (the default) is 1.25, except for ``'language_modeling'``: ``None``.
         seed: initialisation, dropout and data-order seed.
         **model_overrides: flat keyword arguments. Any :class:`~moe_jax.models.MoeConfig` field by its name
             (``router``, ``eval_capacity_factor``, ``group_size``, ``batch_prioritized``, ``jitter_noise``
@@ -107,7 +129,12 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
             ``dropout_rate``, ``num_encoder_layers``/``num_decoder_layers`` ...), and ``vocab_size``
             (SentencePiece size, default 1000; smaller corpora get fewer pieces),
             ``max_input_len``/``max_target_len`` (default: the longest training example, capped at 128),
-            ``patch_size`` (classification of ``[N, F]``: values per token). For images, any
+            ``patch_size`` (classification of ``[N, F]``: values per token). For the language model, any
+            :class:`~moe_jax.models.ModelConfig` field but ``num_encoder_layers`` (``num_kv_heads``,
+            ``qk_norm``, ``rope_theta``, ``logits_soft_cap``, ``norm_eps`` ...; ``eval_capacity_factor``
+            defaults to ``None``, so generation is dropless), ``vocab_size`` (most byte-fallback SentencePiece
+            ids, default 1024, > 260) and ``seq_len`` (tokens per packed training row, default: the longest
+            document plus EOS, capped at 128). For images, any
             :class:`~moe_jax.models.ViTConfig` field except those the data decides (``num_heads``,
             ``d_ff`` ...; ``eval_capacity_factor`` defaults to ``2 * capacity_factor``, ``group_size`` to
             one image, ``batch_prioritized`` to True) and ``patch_size`` (pixels; default: the divisor of
@@ -126,7 +153,7 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         top_k: int = 2,
         d_model: int = 64,
         num_layers: int = 2,
-        capacity_factor: float | None = 1.25,
+        capacity_factor: float | str | None = "auto",
         seed: int = 0,
         **model_overrides,
     ):
@@ -141,6 +168,8 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
             raise ValueError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}]")
         d_model = check_int("d_model", d_model, 1)
         num_layers = check_int("num_layers", num_layers, 1)
+        if isinstance(capacity_factor, str) and capacity_factor == "auto":
+            capacity_factor = None if task == LM_TASK else _AUTO_CAPACITY
         if capacity_factor is not None:
             capacity_factor = check_positive_float("capacity_factor", capacity_factor)
         seed = check_int("seed", seed, 0)
@@ -157,11 +186,18 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
                 "d_model": d_model,
                 "num_heads": 4 if d_model % 4 == 0 else 1,
                 "d_ff": 2 * d_model,
-                "num_encoder_layers": num_layers,
+                # The language model is a decoder: no encoder blocks.
+                "num_encoder_layers": 0 if task == LM_TASK else num_layers,
                 # The feature classifier is an encoder: no decoder blocks (so no causal-routing limits).
                 "num_decoder_layers": 0 if task == FEATURE_TASK else num_layers,
             }
             options, kind = _TRANSFORMER_OPTIONS, "ModelConfig"
+            if task == LM_TASK:
+                fields -= {"num_encoder_layers"}
+                options = _LM_OPTIONS
+                # Generation routes dropless unless asked otherwise: the KV-cached decode then reproduces
+                # the full forward's logits exactly (see DecoderLM).
+                moe["eval_capacity_factor"] = None
         unknown = sorted(set(model_overrides) - fields - set(MOE_OPTIONS) - set(options))
         if unknown:
             raise ValueError(
@@ -178,9 +214,16 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         check_int("num_heads", model["num_heads"], 1)
         if not model.get("head_dim") and d_model % model["num_heads"]:
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={model['num_heads']}")
-        for name in ("vocab_size", "max_input_len", "max_target_len", "patch_size", "warmup_steps"):
+        minimum = {"warmup_steps": 0, "seq_len": 2}
+        ints = ("vocab_size", "max_input_len", "max_target_len", "seq_len", "patch_size", "warmup_steps")
+        for name in ints:
             if extras.get(name) is not None:
-                check_int(name, extras[name], 0 if name == "warmup_steps" else 1)
+                check_int(name, extras[name], minimum.get(name, 1))
+        if task == LM_TASK and extras["vocab_size"] is not None and extras["vocab_size"] < MIN_VOCAB:
+            raise ValueError(
+                f"vocab_size={extras['vocab_size']} is too small for task='language_modeling': its byte-"
+                f"fallback vocabulary holds 4 special ids and 256 byte pieces, so it needs >= {MIN_VOCAB}"
+            )
         for name in ("lb_weight", "z_weight"):
             check_nonnegative_float(name, extras[name])
         if task == IMAGE_TASK:
@@ -200,7 +243,7 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         }
         self._model_fields, self._extras = model, extras
         self._model: nnx.Module | None = None
-        self._tokenizer = None  # seq2seq
+        self._tokenizer = None  # seq2seq and language modelling
         self._meta: dict[str, Any] = {}  # data shaping decided at the first train() call
         self._train_calls = 0
         self._predict_fn = None
@@ -219,7 +262,7 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
     def train(
         self,
         data,
-        labels,
+        labels=None,
         *,
         epochs: int = 10,
         learning_rate: float = 1e-3,
@@ -230,12 +273,15 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         """Trains the model (a second call continues from the current weights with a fresh optimizer).
 
         Args:
-            data: seq2seq: a list of input strings; classification: float array ``[N, F]`` or ``[N, L, F]``;
-                image classification: square images ``[N, H, W, C]``, uint8 (0-255) or float.
-            labels: seq2seq: a list of target strings; classification: ``[N]`` labels (ints or strings).
-            epochs: passes over the data (≥ 1).
+            data: seq2seq: a list of input strings; language modelling: a list of documents (non-empty
+                strings); classification: float array ``[N, F]`` or ``[N, L, F]``; image classification:
+                square images ``[N, H, W, C]``, uint8 (0-255) or float.
+            labels: seq2seq: a list of target strings; classification: ``[N]`` labels (ints or strings);
+                language modelling: ``None`` (the texts are all it learns from).
+            epochs: passes over the data (≥ 1); for the language model, over its packed tokens.
             learning_rate: peak AdamW learning rate (> 0; linear warmup, cosine decay to 10%).
-            batch_size: examples per update (≥ 1; capped at N).
+            batch_size: examples per update (≥ 1; capped at N); for the language model, packed rows of
+                ``seq_len`` tokens (capped at the rows of one epoch).
             verbose: print one line per epoch.
 
         Returns:
@@ -247,25 +293,29 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
                 whitespace-only texts, ``None``/NaN/fractional labels, a single class, NaN or infinite
                 features or pixels, ``len(data) != len(labels)``, wrong types, ranks or shapes,
                 non-positive ``epochs``/``learning_rate``/``batch_size``, unknown keyword arguments, a
-                ``patch_size`` that does not divide the image size, a ``vocab_size`` too small for the texts.
-                A call that raises leaves the model as it was.
+                ``patch_size`` that does not divide the image size, a ``vocab_size`` too small for the texts,
+                ``labels`` other than ``None`` for the language model. A call that raises leaves the model
+                as it was.
         """
         check_no_unknown("train", unknown, _TRAIN_ARGS)
         epochs = check_int("epochs", epochs, 1)
         learning_rate = check_positive_float("learning_rate", learning_rate)
         batch_size = check_int("batch_size", batch_size, 1)
         verbose = check_bool("verbose", verbose)
-        if self.is_seq2seq:
+        if self.task == LM_TASK:
+            check_lm_labels(labels)
+            inputs, targets = self._check_documents(data, "data"), None
+        elif self.is_seq2seq:
             inputs, targets = self._check_texts(data, "data"), self._check_texts(labels, "labels")
         elif self.task == IMAGE_TASK:
             inputs, targets = self._check_images(data), check_labels(labels)
         else:
             inputs, targets = self._check_features(data), check_labels(labels)
-        if len(inputs) != len(targets):
+        if targets is not None and len(inputs) != len(targets):
             raise ValueError(f"labels has {len(targets)} entries but data has {len(inputs)}; they must match")
-        batch_size = min(batch_size, len(inputs))
-        steps_per_epoch = math.ceil(len(inputs) / batch_size)
-        total = epochs * steps_per_epoch
+        if self.task != LM_TASK:  # the language model's rows are known once the texts are tokenized
+            batch_size = min(batch_size, len(inputs))
+            steps_per_epoch = math.ceil(len(inputs) / batch_size)
         seed = self.seed + self._train_calls
         # A call that fails (a label unseen at a second call, a model the data cannot build, a step that
         # does not compile, e.g. a group_size that does not divide the batch) leaves the model as it was:
@@ -273,12 +323,15 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         before = (self._model, self._meta, self._tokenizer, self._train_calls, self._predict_fn)
         try:
             self._train_calls += 1
-            if self.is_seq2seq:
+            if self.task == LM_TASK:
+                batches, model, batch_size, steps_per_epoch = self._prepare_lm(inputs, batch_size, seed)
+            elif self.is_seq2seq:
                 batches, model = self._prepare_seq2seq(inputs, targets, batch_size, seed)
             elif self.task == IMAGE_TASK:
                 batches, model = self._prepare_images(inputs, targets, batch_size, seed, epochs)
             else:
                 batches, model = self._prepare_features(inputs, targets, batch_size, seed, epochs)
+            total = epochs * steps_per_epoch
             history = self._fit(model, batches, total, steps_per_epoch, learning_rate, seed, verbose)
         except Exception:
             self._model, self._meta, self._tokenizer, self._train_calls, self._predict_fn = before
@@ -286,28 +339,69 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         self._predict_fn = None
         return history
 
-    def predict(self, data, *, batch_size: int = 64, **unknown):
+    def predict(
+        self,
+        data,
+        *,
+        batch_size: int = 64,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        **unknown,
+    ):
         """Predicts outputs for ``data``.
 
         Args:
-            data: as in :meth:`train` (images: the training size, channel count and kind of dtype).
-            batch_size: examples per forward pass (results do not depend on it).
+            data: as in :meth:`train` (images: the training size, channel count and kind of dtype); for the
+                language model, a list of prompts (strings; ``""`` generates a document from its start).
+            batch_size: examples per forward pass (results do not depend on it, except sampled
+                continuations, whose draws depend on the batch a prompt falls in).
+            max_new_tokens: language model only: tokens generated at most per prompt (default 32; fewer
+                when the model ends the document with EOS).
+            temperature: language model only: 0 (the default) is greedy, > 0 samples from the softmax of
+                the logits divided by it.
+            top_k: language model only: when sampling, keep the ``top_k`` most likely tokens (default 0:
+                all).
+            top_p: language model only: when sampling, keep the smallest set of most likely tokens whose
+                probability reaches ``top_p`` (nucleus; default 1: all), in (0, 1].
+            seed: language model only: sampling randomness (default 0); the same seed, prompts and
+                ``batch_size`` give the same continuations.
 
         Returns:
             seq2seq: a list of strings (greedy decoding, at most ``max_target_len`` tokens each);
-            classification: a NumPy array ``[N]`` of labels.
+            language modelling: a list of strings, the text each prompt continues with (the prompt itself
+            left out); classification: a NumPy array ``[N]`` of labels.
 
         Raises:
             NotTrainedError: (a ``ValueError`` and a ``RuntimeError``) the model is not trained yet.
             ValueError: ``data`` has the wrong type or shape (the feature shape the model was trained on;
-                images: names ``channels`` or ``image_size``), or an unknown keyword argument.
+                images: names ``channels`` or ``image_size``; an empty list of prompts), an unknown keyword
+                argument, a generation option out of range (``max_new_tokens`` < 1, ``temperature`` < 0,
+                ``top_k`` < 0, ``top_p`` outside (0, 1]) or passed to a task other than the language model.
         """
-        check_no_unknown("predict", unknown, ("data", "batch_size"))
+        generation = {
+            name: value
+            for name, value in zip(_GENERATION_ARGS, (max_new_tokens, temperature, top_k, top_p, seed))
+            if value is not None
+        }
+        lm = self.task == LM_TASK
+        check_no_unknown("predict", unknown, _PREDICT_ARGS + (_GENERATION_ARGS if lm else ()))
+        if generation and not lm:
+            raise ValueError(
+                f"predict() got {', '.join(generation)}: generation options of task='language_modeling' only "
+                f"(task={self.task!r} takes {list(_PREDICT_ARGS)})"
+            )
         if self._model is None:
             raise NotTrainedError(
                 "the model is not trained yet: call train() (or SparseMoeModel.load()) before predict()"
             )
         batch_size = check_int("batch_size", batch_size, 1)
+        if lm:
+            options = GenerationOptions.checked(**generation)
+            prompts = self._check_documents(data, "data", allow_empty=True)
+            return self._predict_lm(prompts, batch_size, options)
         if self.is_seq2seq:
             return self._predict_seq2seq(self._check_texts(data, "data"), batch_size)
         if self.task == IMAGE_TASK:
@@ -319,8 +413,10 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
 
         Files: ``config.json`` (constructor arguments, architecture, data shaping: lengths, feature or pixel
         standardization, image size and patch size, classes), ``state.msgpack`` (every model variable, Flax
-        msgpack) and, for seq2seq, ``tokenizer.model`` (SentencePiece). Each file is written to a temporary
-        name and renamed, so a failed save never leaves a half-written file in place of a good one.
+        msgpack) and, for seq2seq and the language model, ``tokenizer.model`` (SentencePiece; the language
+        model's is the byte-fallback vocabulary, and its ``meta`` holds ``seq_len``). Each file is written to
+        a temporary name and renamed, so a failed save never leaves a half-written file in place of a good
+        one.
 
         Raises:
             NotTrainedError: (a ``ValueError`` and a ``RuntimeError``) the model is not trained yet.
@@ -372,7 +468,7 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         except (TypeError, ValueError) as e:
             raise ValueError(f"{config_path}: model_config is not a valid {cfg_cls.__name__} ({e})") from None
         meta = config["meta"]
-        if m.is_seq2seq:
+        if m.is_seq2seq or m.task == LM_TASK:
             from moe_jax.data.tokenizer import Tokenizer
 
             tokenizer_path = os.path.join(directory, saved.TOKENIZER)
@@ -388,8 +484,15 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
                     f"{tokenizer_path} does not match {saved.CONFIG}: it has {m._tokenizer.vocab_size} "
                     f"pieces but model_config.vocab_size={cfg.vocab_size} (damaged, or from another model)"
                 )
+            if m.task == LM_TASK and not m._tokenizer.byte_fallback:
+                raise ValueError(
+                    f"{tokenizer_path} is not a byte-fallback vocabulary, which a language model of this "
+                    "project always has (from another model?)"
+                )
         try:
-            if m.is_seq2seq:
+            if m.task == LM_TASK:
+                check_lm_meta(meta)
+            elif m.is_seq2seq:
                 check_seq2seq_meta(meta)
             elif m.task == IMAGE_TASK:
                 check_images_meta(meta, cfg)
@@ -417,6 +520,8 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         # RBG keys: initialising with threefry compiles ~4x slower on CPU (seconds for a tiny model). The
         # values are reproducible on one backend; save() stores the weights, so load() never re-draws them.
         rngs = nnx.Rngs(params=jax.random.key(self.seed, impl="rbg"))
+        if self.task == LM_TASK:
+            return self._build_lm(cfg, rngs)
         if self.is_seq2seq:
             return self._build_seq2seq(cfg, rngs)
         if self.task == IMAGE_TASK:
@@ -455,7 +560,9 @@ class SparseMoeModel(Seq2SeqTask, FeatureTask, ImageTask):
         )
         graphdef, state = step_lib.create_train_state(model, tx)
         loss_sums = (
-            self._seq2seq_loss_sums
+            self._lm_loss_sums
+            if self.task == LM_TASK
+            else self._seq2seq_loss_sums
             if self.is_seq2seq
             else self._images_loss_sums
             if self.task == IMAGE_TASK

@@ -1,7 +1,8 @@
 """The files of a saved quick-API model: written atomically by ``save``, checked by ``load`` before use.
 
 A saved model is a directory holding ``config.json`` (constructor arguments, architecture, data shaping),
-``state.msgpack`` (every model variable, Flax msgpack) and, for the sequence tasks, ``tokenizer.model``.
+``state.msgpack`` (every model variable, Flax msgpack) and, for the sequence tasks (seq2seq and language
+modelling), ``tokenizer.model``.
 Every fault :func:`read_config` and :func:`restore_state` find (a missing, empty, truncated or edited file,
 a tensor of another shape) is a ``ValueError`` naming the file and what is wrong, raised at ``load()`` —
 never a JSON or msgpack error naming no file, and never a model that loads and then fails at ``predict``.
