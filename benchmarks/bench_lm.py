@@ -125,14 +125,15 @@ def time_generation(config, vocab: int, new_tokens: int, repeats: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "lm.py"))
+    parser.add_argument("--config", default="configs/lm.py", help="path.py[:variant] (repository-relative)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--skip_generation", action="store_true")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "lm_cpu.json"))
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "lm_cpu.json"))
     args = parser.parse_args(argv)
-    base = load_config(args.config, args.set)
+    spec = args.config if os.path.isabs(args.config) else os.path.join(ROOT, args.config)
+    base = load_config(spec, args.set)
     vocab = int(base.data.vocab_size)
     steps = int(base.train.num_train_steps)
     result = {

@@ -91,3 +91,28 @@ def test_real_data_variant_trains_one_step_on_mock_data(name, variant, source, d
         assert metric in final
     # The tokenizer was trained on the (mock) train split and saved under the data dir.
     assert any(f == "spm.model" for _, _, files in os.walk(tmp_path / "data") for f in files)
+
+
+@pytest.mark.parametrize(
+    "variant,source",
+    [
+        pytest.param("lm1b", "lm1b", marks=pytest.mark.slow),
+        pytest.param("c4", "c4/en", marks=pytest.mark.slow),
+    ],
+)
+def test_real_data_lm_variant_trains_one_step_on_mock_data(variant, source, tmp_path):
+    """``configs/lm.py:lm1b`` / ``:c4``: evaluation reads halves of the split the dataset has."""
+    c = load_config("lm", variant)
+    assert c.data.source == source and set(c.data.splits) == {"validation", "test"}
+    c.data_dir = str(tmp_path / "data")
+    c.data.update(vocab_size=300, seq_len=16, tokenizer_train_chars=20_000)
+    c.model.update(d_model=16, num_heads=2, num_kv_heads=1, d_ff=32, num_decoder_layers=2, dtype="float32")
+    c.model.moe.update(layers=(1,), num_experts=4, top_k=2, d_ff=16)
+    c.optim.warmup_steps = 1
+    c.train.update(batch_size=8, num_train_steps=1, log_every=1, eval_every=0, checkpoint_every=0)
+    c.train.update(tensorboard=False, async_checkpoints=False)
+    c.eval.update(batch_size=8, max_eval_examples=8, num_samples=1, prompt_tokens=4, max_new_tokens=4)
+    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+        final = loop.train_and_evaluate(c, str(tmp_path / "work"))
+    assert math.isfinite(final["val_loss"]) and final["val_bits_per_byte"] > 0
+    assert math.isfinite(final["test_loss"])

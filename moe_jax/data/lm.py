@@ -458,10 +458,13 @@ def _tfds_sources(config, data_dir: str) -> dict[str, TextSource]:
 
     name = _tfds_name(config)
     text_key = _get(config, "text_key", "text")
-    sources = {"train": TextSource(prepared_source(name, "train", data_dir), text_key)}
+    # Our split name -> the dataset's split (TFDS slicing works: lm1b's evaluation splits are halves of
+    # its test split).
+    tfds_split = {split: split for split in SPLITS} | dict(_get(config, "splits", {}))
+    sources = {"train": TextSource(prepared_source(name, tfds_split["train"], data_dir), text_key)}
     for split in SPLITS[1:]:
         try:
-            sources[split] = TextSource(prepared_source(name, split, data_dir), text_key)
+            sources[split] = TextSource(prepared_source(name, tfds_split[split], data_dir), text_key)
         except DatasetUnavailableError:
             logging.info("%s has no prepared %s split", name, split)
     try:
@@ -512,7 +515,8 @@ def make_lm_data(data_config, *, data_dir: str) -> LMData:
       data_config: a ``ConfigDict`` (or any object with attributes): ``source`` (``'python_source'``,
         offline, or a prepared TFDS name such as ``'lm1b'`` or ``'c4/en'``), ``builder_config``,
         ``text_key`` (default ``'text'``), ``vocab_size``, ``seq_len``, ``tokenizer_train_chars``; optional
-        ``tokenizer_path``, ``tokenizer_model_type`` (``'bpe'``), ``num_threads``, ``shuffle_rows`` and
+        ``tokenizer_path``, ``tokenizer_model_type`` (``'bpe'``), ``num_threads``, ``shuffle_rows``,
+        ``splits`` (split name -> the TFDS split, e.g. ``{'validation': 'test[:50%]'}``) and
         ``builder_kwargs`` (``roots``, ``min_documents`` for ``python_source``).
       data_dir: where TFDS data and the tokenizer (``tokenizers/<name>/v<vocab>/spm.model``) live.
 

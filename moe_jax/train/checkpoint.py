@@ -184,9 +184,7 @@ class Checkpointer:
 
     def read_config(self, step: int) -> dict:
         """The run config saved with ``step`` (as JSON values)."""
-        return dict(
-            self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        )
+        return dict(self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
 
     def restore_latest(
         self,
