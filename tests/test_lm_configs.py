@@ -60,7 +60,10 @@ def closed_form_counts(c) -> tuple[int, int]:
     return total, active
 
 
-@pytest.mark.parametrize("variant", sorted(PUBLISHED))
+@pytest.mark.parametrize(
+    "variant",
+    [v if v != "deepseek_v3" else pytest.param(v, marks=pytest.mark.slow) for v in sorted(PUBLISHED)],
+)
 def test_plan_only_parameter_counts_match_the_published_figures(variant):
     c = lm_config(variant)
     cfg = ModelConfig.from_mapping(c.model.to_dict(), vocab_size=c.data.vocab_size)

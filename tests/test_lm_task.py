@@ -18,6 +18,9 @@ from tests.test_bad_inputs import assert_one_error, snapshot
 from tests.test_data_lm import write_python_tree
 from tests.test_lm_configs import lm_config
 
+# ~2.5 minutes on 2 cores (a trained smoke LM, the generate command compiled twice): CI's slow set runs it.
+pytestmark = pytest.mark.slow
+
 
 def smoke(base, **train):
     c = lm_config("smoke")

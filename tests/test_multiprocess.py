@@ -22,6 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores; CI runs the slow set
 def test_two_processes_reproduce_one_process_losses(tmp_path):
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")

@@ -56,6 +56,7 @@ def _state():
     return graphdef, state, schedule
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores; CI runs the slow set
 def test_golden_first_step_sharded_equals_unsharded():
     graphdef, state, schedule = _state()
     batch = _batch()

@@ -82,6 +82,7 @@ def _shrink(config, smoke):
     return config
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores; CI runs the slow set
 def test_image_classification_smoke_trains(tmp_path):
     config = _fast(IC.get_config("smoke"), tmp_path, steps=2)
     final = loop.train_and_evaluate(config, str(tmp_path / "run"))

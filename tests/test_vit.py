@@ -88,6 +88,7 @@ def test_train_vs_eval_capacity_and_batch_prioritized_routing():
     assert moe.batch_prioritized and moe.capacity_factor == 0.5 and moe.eval_capacity_factor == 4.0
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores; CI runs the slow set
 def test_gradients_reach_experts_and_router():
     model = ViTClassifier(ViTConfig(**TINY), rngs=nnx.Rngs(0))
     # A nonzero head so the class loss depends on the encoder.

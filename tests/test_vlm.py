@@ -77,6 +77,7 @@ def test_prefix_lm_mask_exact():
     np.testing.assert_array_equal(m[1], expected & np.array([1, 1, 1, 1, 0], bool)[None])
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores; CI runs the slow set
 def test_shapes_and_aux(model):
     logits, aux = model(_images(0), TEXT)
     assert logits.shape == (2, 6, 20) and logits.dtype == jnp.float32
