@@ -50,6 +50,7 @@ import grain
 import numpy as np
 
 from moe_jax.data.errors import DatasetUnavailableError
+from moe_jax.data.pipeline import _get, _tfds_name, prepared_source  # shared with the seq2seq pipeline
 from moe_jax.data.tokenizer import BOS_ID, LOSSLESS_OPTIONS, Tokenizer
 from moe_jax.errors import ConfigError
 
@@ -415,11 +416,6 @@ def train_lm_tokenizer(
     return Tokenizer.train(sentences, vocab_size, path, model_type=model_type, **LOSSLESS_OPTIONS)
 
 
-def _get(config, name: str, default=None):
-    value = getattr(config, name, default)
-    return default if value is None else value
-
-
 def _offline_sources(config, data_dir: str) -> tuple[dict[str, list[str]], str]:
     """Prepares (once) and reads the offline ``python_source`` builder; returns (splits, full name)."""
     from moe_jax.data.builders import python_source
@@ -437,14 +433,6 @@ def _offline_sources(config, data_dir: str) -> tuple[dict[str, list[str]], str]:
     return splits, f"python_source/{builder.builder_config.name}"
 
 
-def _tfds_name(config) -> str:
-    name = config.source
-    builder_config = _get(config, "builder_config")
-    if builder_config and "/" not in name:
-        name = f"{name}/{builder_config}"
-    return name
-
-
 def _tfds_sources(config, data_dir: str) -> dict[str, TextSource]:
     """Opens a prepared TFDS text dataset (array_record) without ever downloading or preparing it.
 
@@ -453,8 +441,6 @@ def _tfds_sources(config, data_dir: str) -> dict[str, TextSource]:
     """
     # Legacy dataset families (c4, ...) register their builders only when their package is imported.
     import tensorflow_datasets.text  # noqa: F401
-
-    from moe_jax.data.pipeline import prepared_source
 
     name = _tfds_name(config)
     text_key = _get(config, "text_key", "text")
