@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "importlib_resources>=6.0",
     # Offline image-recognition data (8x8 digits) ships inside scikit-learn.
     "scikit-learn>=1.4",
+    # Hugging Face checkpoints in and out (moe_jax.interop.hf) read and write safetensors with NumPy.
+    "safetensors>=0.4",
 ]
 
 # The TPU compiler (libtpu) for planning TPU pods from a CPU host (experiments/compare_sharding.py
@@ -41,6 +43,9 @@ EXTRAS_REQUIRE = {
     # Preparing real TFDS datasets (wmt14, cnn_dailymail, ...) needs TensorFlow.
     "tf": ["tensorflow-cpu>=2.16"],
     "gpu": ["jax[cuda12]>=0.10"],
+    # Parity tests against the transformers implementation (tests marked slow). torch 2.13.0 is the CPU
+    # build this machine keeps on disk; a newer or unpinned torch pulls a CUDA build of several GB.
+    "hf": ["transformers>=5.0", "torch==2.13.0"],
 }
 
 setuptools.setup(

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
 python -m ruff check .
-python -m pytest -q -p no:cacheprovider
+python -m pytest -q -p no:cacheprovider --durations=25

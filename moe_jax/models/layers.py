@@ -61,12 +61,23 @@ class Norm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table [V, D]; ``attend`` gives tied output logits."""
+    """Token embedding table [V, D]; ``attend`` gives tied output logits.
+
+    Lookups are multiplied by sqrt(D) when ``scale`` (the project's default, as in T5X / Gemma), not at all
+    otherwise (Llama, Mixtral, OLMoE, Qwen: what Hugging Face checkpoints expect).
+    """
 
     def __init__(
-        self, vocab_size: int, d_model: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+        self,
+        vocab_size: int,
+        d_model: int,
+        *,
+        scale: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
     ):
-        self.d_model, self.dtype = d_model, dtype
+        self.d_model, self.dtype, self.scale = d_model, dtype, scale
         # std 1/sqrt(D) so that tied logits start near unit scale; lookups are rescaled by sqrt(D).
         init = nnx.initializers.normal(stddev=d_model**-0.5)
         self.table = sharding.param(
@@ -75,7 +86,7 @@ class Embed(nnx.Module):
 
     def __call__(self, ids_BL: jax.Array) -> jax.Array:
         x_BLD = jnp.take(self.table[...], ids_BL, axis=0).astype(self.dtype)
-        return x_BLD * jnp.asarray(self.d_model**0.5, self.dtype)
+        return x_BLD * jnp.asarray(self.d_model**0.5, self.dtype) if self.scale else x_BLD
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Logits in float32 against the (tied) table."""

@@ -49,6 +49,10 @@ class ModelConfig(Section):
         positions: ``rope`` (self-attention queries/keys) or ``learned`` (absolute, ``max_len`` rows).
         max_len: longest sequence for learned positions.
         tie_embeddings: output logits use the (shared) embedding table.
+        scale_embeddings: multiply embedding lookups by sqrt(d_model) (False for imported Hugging Face
+            decoders, which do not).
+        pad_id: the token id the decoder LM treats as padding when called without ``mask_BL`` or segment
+            ids; ``None``: every token is real (imported Hugging Face decoders, whose id 0 is a token).
         num_kv_heads: key/value heads, grouped-query attention when fewer than ``num_heads`` (which it must
             divide); ``None`` is ``num_heads``.
         qk_norm: RMSNorm of queries and keys before RoPE: ``none``, ``head`` (each head's Dh, Qwen3-MoE) or
@@ -76,6 +80,8 @@ class ModelConfig(Section):
     positions: str = "rope"
     max_len: int = 512
     tie_embeddings: bool = True
+    scale_embeddings: bool = True
+    pad_id: int | None = 0
     num_kv_heads: int | None = None
     qk_norm: str = "none"
     qkv_bias: bool = False
@@ -95,6 +101,9 @@ class ModelConfig(Section):
         config_lib.check_int("num_decoder_layers", self.num_decoder_layers, 0)
         config_lib.check_choice("positions", self.positions, POSITIONS)
         config_lib.check_bool("tie_embeddings", self.tie_embeddings)
+        config_lib.check_bool("scale_embeddings", self.scale_embeddings)
+        if self.pad_id is not None:
+            config_lib.check_int("pad_id", self.pad_id, 0)
         config_lib.check_optional_int("num_kv_heads", self.num_kv_heads)
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
@@ -215,7 +224,7 @@ def shift_right(targets_BL: jax.Array, bos_id: int) -> jax.Array:
 class _Embedder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dt = dtypes(cfg)
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, **dt, rngs=rngs)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, scale=cfg.scale_embeddings, **dt, rngs=rngs)
         init = nnx.initializers.normal(stddev=0.02)
         self.pos = (
             sharding.param(
@@ -394,12 +403,16 @@ class DecoderLM(nnx.Module):
             positions_BL: RoPE (or learned) positions; default 0, 1, ... along each row. For packed
                 documents pass :func:`segment_positions` to restart them per document.
             mask_BL: real tokens (keys that may be attended, tokens the MoE layers route); default
-                ``segment_ids_BL != 0`` with segment ids, else ``tokens_BL != 0``.
+                ``segment_ids_BL != 0`` with segment ids, else ``tokens_BL != cfg.pad_id`` (all tokens
+                when ``pad_id`` is None).
             dropout_key: dropout randomness; None disables dropout.
             deterministic: evaluation mode of the MoE layers.
         """
-        if mask_BL is None:
-            mask_BL = tokens_BL != 0 if segment_ids_BL is None else segment_ids_BL != 0
+        if mask_BL is None and segment_ids_BL is not None:
+            mask_BL = segment_ids_BL != 0
+        elif mask_BL is None:
+            pad = self.cfg.pad_id
+            mask_BL = jnp.ones(tokens_BL.shape, bool) if pad is None else tokens_BL != pad
         if segment_ids_BL is None:
             attn_mask_BLL = causal_mask(mask_BL)
         else:

@@ -1,0 +1,1 @@
+"""Checkpoints of other libraries in and out: :mod:`moe_jax.interop.hf` (Hugging Face safetensors)."""
