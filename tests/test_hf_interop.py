@@ -237,3 +237,43 @@ def test_save_refuses_a_used_directory_and_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(ValueError, match="model.* cannot be written as MixtralForCausalLM"):
         hf.save(model, config, str(tmp_path / "new"), architecture="MixtralForCausalLM")
     assert [p.name for p in tmp_path.iterdir()] == ["used"]
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("llama", dict(num_experts=4, top_k=2)),
+        ("mistral", dict(num_experts=2, top_k=1, granularity=4)),  # 8 experts of 12, top-4
+        ("qwen2", dict(num_experts=3, top_k=2, granularity=2, layers=(1,))),
+    ],
+)
+def test_upcycled_model_starts_with_the_dense_logits(name, options):
+    dense, _ = hf.load(os.path.join(FIXTURES, name))
+    moe, config = hf.load(os.path.join(FIXTURES, name), upcycle=options)
+    g = options.get("granularity", 1)
+    assert config.model.moe.num_experts == options["num_experts"] * g
+    assert config.model.moe.top_k == options["top_k"] * g
+    assert moe.cfg.moe_layers(moe.cfg.num_decoder_layers) == tuple(options.get("layers", (0, 1)))
+    ids = jnp.asarray(_reference(name)["ids_BL"], jnp.int32)
+    want, _ = _forward(dense, ids)
+    got, aux = _forward(moe, ids)
+    assert aux
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_upcycled_model_with_noise_differs_and_exports_as_mixtral(tmp_path):
+    dense, _ = hf.load(os.path.join(FIXTURES, "llama"))
+    moe, config = hf.load(os.path.join(FIXTURES, "llama"), upcycle=dict(num_experts=4, top_k=2, noise_std=0.1))
+    w = np.asarray(moe.decoder.layers[0].ffn.w_up.get_value())
+    assert not np.array_equal(w[0], w[1])
+    ids = jnp.asarray(_reference("llama")["ids_BL"], jnp.int32)
+    want, _ = _forward(dense, ids)
+    got, _ = _forward(moe, ids)
+    assert 0 < float(jnp.abs(got - want).max()) < 0.5 * float(jnp.abs(want).max())
+    hf.save(moe, config, str(tmp_path / "moe"))
+    with open(tmp_path / "moe" / "config.json") as f:
+        assert json.load(f)["architectures"] == ["MixtralForCausalLM"]
+    with pytest.raises(ValueError, match="granularity=5 must divide the dense d_ff=48"):
+        hf.load(os.path.join(FIXTURES, "llama"), upcycle=dict(num_experts=2, top_k=1, granularity=5))
+    with pytest.raises(ValueError, match="already has MoE blocks"):
+        hf.load(os.path.join(FIXTURES, "mixtral"), upcycle=dict(num_experts=2, top_k=1))

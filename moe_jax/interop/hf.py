@@ -204,7 +204,7 @@ def read_config(path: str) -> dict[str, Any]:
         raise ValueError(f"{file} is not readable JSON ({e})") from None
 
 
-def load(path: str, *, dtype: str = "float32", param_dtype: str = "float32"):
+def load(path: str, *, dtype: str = "float32", param_dtype: str = "float32", upcycle: dict | None = None):
     """Reads a Hugging Face decoder checkpoint as the project's LM.
 
     Args:
@@ -212,6 +212,8 @@ def load(path: str, *, dtype: str = "float32", param_dtype: str = "float32"):
             ``model.safetensors.index.json``).
         dtype, param_dtype: compute and parameter dtypes of the returned model (the file's values are cast
             to ``param_dtype``).
+        upcycle: turn a dense checkpoint into an MoE model: the keyword arguments of
+            :func:`moe_jax.interop.upcycle.upcycle` (``num_experts``, ``top_k``, ``granularity``, ...).
 
     Returns:
         ``(model, config)``: a :class:`~moe_jax.models.DecoderLM` (``model(ids_BL)`` gives
@@ -233,6 +235,10 @@ def load(path: str, *, dtype: str = "float32", param_dtype: str = "float32"):
         raise ValueError(
             f"{path}: {len(unused)} tensors are not used by {arch.name} as configured, e.g. {unused[0]}"
         )
+    if upcycle is not None:
+        from moe_jax.interop.upcycle import upcycle as upcycle_fn
+
+        return upcycle_fn(model, config, **dict(upcycle))
     return model, config
 
 
@@ -292,7 +298,7 @@ def export_tensors(model: DecoderLM, config, *, architecture: str | None = None)
     """
     cfg = model.cfg
     hf_section = config.get("hf") if hasattr(config, "get") else None
-    name = architecture or (hf_section.architecture if hf_section is not None else None)
+    name = architecture or (hf_section.get("architecture") if hf_section is not None else None)
     if name and name not in hf_config.ARCHITECTURES:
         raise ValueError(
             f"architecture {name!r} is not supported; supported: {sorted(hf_config.ARCHITECTURES)}"
