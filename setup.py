@@ -59,6 +59,10 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={
-        "console_scripts": ["moe-jax-train=moe_jax.main:run", "moe-jax-generate=moe_jax.generate:run"]
+        "console_scripts": [
+            "moe-jax-train=moe_jax.main:run",
+            "moe-jax-generate=moe_jax.generate:run",
+            "moe-jax-convert=moe_jax.convert:run",
+        ]
     },
 )

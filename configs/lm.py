@@ -22,6 +22,13 @@ Variants (``--config=configs/lm.py:VARIANT``):
         --file_format=array_record``); d_model 1024, 16 blocks, 32 experts top-2, bf16 compute, 32k vocab,
         rows of 1024. Hardware: 8 accelerators. Expected: not run here (the data is not on our machines).
 
+Fine-tuning a Hugging Face checkpoint (``moe_jax.convert``):
+    hf=DIR: the architecture of the Hugging Face model directory DIR (its config.json; see
+        ``moe_jax/interop/hf_config.py``), with this file's default training settings and the corpus above.
+        ``python -m moe_jax.convert --from_hf=DIR --workdir=W`` writes W's starting parameters; then
+        ``python -m moe_jax.main --config=configs/lm.py:hf=DIR --workdir=W`` fine-tunes them. The
+        tokenizer is the project's, trained for the model's vocabulary size (the HF tokenizer is not read).
+
 Plan-only variants (the published dimensions; for ``experiments/compare_sharding.py --topology=...`` and the
 pod-scale work; never trained here). ``tests/test_lm_configs.py`` checks each one's total and active
 (per-token) parameter counts against the published figures:
@@ -59,8 +66,16 @@ def _plan_only(c, *, vocab: int, seq_len: int, **model):
 
 
 def get_config(variant: str = "default"):
-    c = config_lib.lm_config()
     variant = variant or "default"
+    if variant.startswith("hf="):
+        from moe_jax.interop import hf
+
+        c = hf.lm_config_from_dir(variant[len("hf=") :])
+        c.optim.update(learning_rate=3e-4, warmup_steps=50)
+        c.train.update(batch_size=16, num_train_steps=500, log_every=50, eval_every=250)
+        c.data.seq_len = 128
+        return c
+    c = config_lib.lm_config()
     if variant in ("default", "dense"):
         c.data.update(vocab_size=2048, seq_len=128)
         c.model.update(d_model=128, num_heads=4, num_kv_heads=2, d_ff=512, num_decoder_layers=4)
@@ -164,6 +179,6 @@ def get_config(variant: str = "default"):
         )
         c.loss.lb_weight = 1e-4  # the sequence-wise balance loss is a backstop to the selection bias
     else:
-        choices = ", ".join(("default", "dense", "smoke", "lm1b", "c4") + PLAN_ONLY)
+        choices = ", ".join(("default", "dense", "smoke", "lm1b", "c4") + PLAN_ONLY + ("hf=DIR",))
         raise ValueError(f"unknown variant {variant!r}; choose one of {choices}")
     return c

@@ -255,6 +255,7 @@ def test_all_checkpoints_unreadable(prepared, tmp_path):
     assert_kept(before, workdir)
 
 
+@pytest.mark.slow
 def test_eval_after_a_corrupt_latest_step_keeps_history(prepared, tmp_path):
     """Eval skips the unreadable step 2, evaluates step 1, and rewrites no training history."""
     workdir = _copy(prepared, tmp_path)
@@ -268,6 +269,7 @@ def test_eval_after_a_corrupt_latest_step_keeps_history(prepared, tmp_path):
     assert set(after) - set(before) == {"eval_metrics.json"}
 
 
+@pytest.mark.slow
 def test_unreadable_step_does_not_take_a_retention_slot(prepared, tmp_path):
     """keep_checkpoints=2 with steps 1 (good) and 2 (corrupt): resuming from 1 and saving 3, 4 keeps the
     corrupt 2 (never deleted) and two good steps."""
@@ -302,6 +304,7 @@ def test_metrics_with_a_bad_middle_line_is_refused(prepared, tmp_path):
     assert_kept(before, workdir)
 
 
+@pytest.mark.slow
 def test_metrics_with_a_torn_last_line_resumes(prepared, tmp_path):
     workdir = _copy(prepared, tmp_path)
     with open(workdir / "metrics.jsonl", "a") as f:
@@ -313,6 +316,7 @@ def test_metrics_with_a_torn_last_line_resumes(prepared, tmp_path):
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_exits_3_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
     workdir = _copy(prepared, tmp_path)
     before = snapshot(workdir)
@@ -332,6 +336,7 @@ def test_nonfinite_loss_exits_3_and_keeps_the_last_good_checkpoint(prepared, tmp
     assert [k for k, v in before.items() if k.startswith("checkpoints/") and after.get(k) != v] == []
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_is_one_line(prepared, tmp_path, monkeypatch):
     from orbax.checkpoint._src.serialization import tensorstore_utils
 

@@ -59,7 +59,8 @@ def test_logits_equal_transformers(name):
     assert bool(aux) == (name in MOE)  # MoE layers report their routing aux
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "llama"])
+# Mixtral and the other architectures: tests/test_hf_transformers.py (slow set).
+@pytest.mark.parametrize("name", ["qwen2_moe", "llama"])
 def test_cached_greedy_generation_equals_transformers(name):
     model, _ = hf.load(os.path.join(FIXTURES, name))
     ref = _reference(name)
@@ -258,12 +259,16 @@ def test_upcycled_model_starts_with_the_dense_logits(name, options):
     want, _ = _forward(dense, ids)
     got, aux = _forward(moe, ids)
     assert aux
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max())
+    )
 
 
 def test_upcycled_model_with_noise_differs_and_exports_as_mixtral(tmp_path):
     dense, _ = hf.load(os.path.join(FIXTURES, "llama"))
-    moe, config = hf.load(os.path.join(FIXTURES, "llama"), upcycle=dict(num_experts=4, top_k=2, noise_std=0.1))
+    moe, config = hf.load(
+        os.path.join(FIXTURES, "llama"), upcycle=dict(num_experts=4, top_k=2, noise_std=0.1)
+    )
     w = np.asarray(moe.decoder.layers[0].ffn.w_up.get_value())
     assert not np.array_equal(w[0], w[1])
     ids = jnp.asarray(_reference("llama")["ids_BL"], jnp.int32)

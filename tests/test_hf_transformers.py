@@ -48,10 +48,16 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(name, 
     prompt = ids[:1, :6]
     with torch.no_grad():
         greedy = theirs.generate(
-            torch.from_numpy(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
+            torch.from_numpy(prompt),
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
         )[0, 6:].numpy()
-    ours = decode.generate(model, jnp.asarray(prompt, jnp.int32), jnp.asarray([6]), max_new_tokens=32, eos_id=-1)
+    ours = decode.generate(
+        model, jnp.asarray(prompt, jnp.int32), jnp.asarray([6]), max_new_tokens=32, eos_id=-1
+    )
     np.testing.assert_array_equal(np.asarray(ours[0]), greedy)
 
 
@@ -64,8 +70,14 @@ def test_project_and_upcycled_models_load_in_transformers(tmp_path):
 
     cfg = ModelConfig.from_mapping(
         dict(
-            vocab_size=96, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48, num_encoder_layers=0,
-            num_decoder_layers=2, rope_theta=5e4,
+            vocab_size=96,
+            d_model=32,
+            num_heads=4,
+            num_kv_heads=2,
+            d_ff=48,
+            num_encoder_layers=0,
+            num_decoder_layers=2,
+            rope_theta=5e4,
             moe=dict(num_experts=4, top_k=2, layers=(0, 1), capacity_factor=None, eval_capacity_factor=None),
         )
     )
@@ -83,4 +95,6 @@ def test_project_and_upcycled_models_load_in_transformers(tmp_path):
         with torch.no_grad():
             want = theirs(torch.from_numpy(ids)).logits.numpy()
         got, _ = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids, jnp.int32))
-        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4 * np.abs(want).max(), err_msg=label)
+        np.testing.assert_allclose(
+            np.asarray(got), want, rtol=0, atol=1e-4 * np.abs(want).max(), err_msg=label
+        )

@@ -94,7 +94,10 @@ def _prompts():
     return jnp.asarray(prompt_BL), jnp.asarray(lengths_B)
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=10, top_p=0.9)])
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(temperature=0.0), pytest.param(dict(temperature=1.0, top_k=10, top_p=0.9), marks=pytest.mark.slow)],
+)
 def test_cached_generation_equals_recomputing_the_prefix(sampling):
     model = _model()
     graphdef, state = nnx.split(model)

@@ -95,6 +95,7 @@ def test_workdir_with_another_model_is_refused(tmp_path):
     assert os.listdir(tmp_path / "w" / "checkpoints") == ["4"]
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoint(tmp_path):
     # Same model fields, but the saved state does not match the model: it cannot be restored.
     _write_checkpoint(tmp_path / "w" / "checkpoints", _smoke_model_dict())

@@ -69,7 +69,10 @@ def _family(name):
     return task, model, batch
 
 
-@pytest.mark.parametrize("family", ["seq2seq", "image", "vlm", "features"])
+# One family in the default suite; the others (20-40 s each) in the slow set.
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=pytest.mark.slow) for f in ("seq2seq", "image", "vlm")] + ["features"]
+)
 def test_nonfinite_skip_keeps_the_exact_old_state(family):
     """A NaN loss (here through the load-balancing weight) returns the incoming state bit for bit."""
     task, model, batch = _family(family)
@@ -115,6 +118,7 @@ def _jitter_model():
     return task, task.build_model(config, data), {"inputs": tokens, "targets": tokens[:, ::-1].copy()}
 
 
+@pytest.mark.slow
 def test_router_jitter_draws_new_noise_every_step_and_resumes_exactly(tmp_path):
     """With the parameters frozen (SGD, learning rate 0) only the jitter noise can change the loss."""
     task, model, batch = _jitter_model()

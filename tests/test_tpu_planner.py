@@ -134,6 +134,7 @@ def test_unknown_topology_is_one_line(capsys, tmp_path):
     assert rc == 2 and err.count("\n") == 1 and "v9z:2x2" in err and "v5p:4x4x4" in err
 
 
+@pytest.mark.slow
 def test_ep_plan_on_a_v5e_2x2_compiles_the_real_step(tmp_path):
     """~10 s: the smoke model's train step compiled by XLA:TPU for 4 v5e chips from this CPU host."""
     out = tmp_path / "plan"

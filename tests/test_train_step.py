@@ -84,6 +84,7 @@ def test_golden_first_step_sharded_equals_unsharded():
     assert w.sharding.spec[0] == "expert"
 
 
+@pytest.mark.slow
 def test_nonfinite_update_is_skipped():
     graphdef, state, schedule = _state()
     bad = jax.tree.map(lambda x: x, state)

@@ -167,6 +167,7 @@ def test_decoder_moe_is_causal():
     assert dense(_images(0), TEXT)[1] == {}
 
 
+@pytest.mark.slow
 def test_greedy_decode_matches_teacher_forcing(model):
     """Every generated token is the argmax of teacher-forced logits after the tokens before it.
 

@@ -33,6 +33,7 @@ def test_resolve_workdir_refuses_a_file_and_an_uncreatable_parent(tmp_path):
         resolve_workdir("  ")
 
 
+@pytest.mark.slow
 def test_relative_workdir_trains_resumes_and_evaluates(tmp_path, monkeypatch):
     """The README's failure: a relative workdir (Orbax wants absolute paths) from the current directory."""
     monkeypatch.chdir(tmp_path)
@@ -51,6 +52,7 @@ def test_relative_workdir_trains_resumes_and_evaluates(tmp_path, monkeypatch):
     assert os.path.exists(workdir / "eval_metrics.json")
 
 
+@pytest.mark.slow
 def test_failed_background_save_stops_the_run_at_once(tmp_path, monkeypatch):
     """A save that fails in Orbax's writer thread ends the run at the next step with the cause named."""
     real = tensorstore_utils._build_ocdbt_kvstore_tspec

@@ -39,6 +39,7 @@ from flax import nnx
 from moe_jax.interop import hf_config
 from moe_jax.interop.hf_config import Architecture
 from moe_jax.models import DecoderLM, ModelConfig
+from moe_jax.train.init_params import host_value
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -204,6 +205,15 @@ def read_config(path: str) -> dict[str, Any]:
         raise ValueError(f"{file} is not readable JSON ({e})") from None
 
 
+def lm_config_from_dir(path: str):
+    """The LM config (``configs/lm.py``'s shape) of the Hugging Face model directory ``path``.
+
+    Raises:
+        ValueError: no config.json, or an unsupported architecture or option.
+    """
+    return hf_config.lm_config(read_config(path), where=os.path.join(path, "config.json"))
+
+
 def load(path: str, *, dtype: str = "float32", param_dtype: str = "float32", upcycle: dict | None = None):
     """Reads a Hugging Face decoder checkpoint as the project's LM.
 
@@ -223,8 +233,7 @@ def load(path: str, *, dtype: str = "float32", param_dtype: str = "float32", upc
     Raises:
         ValueError: unsupported architecture or option; a missing, unused or mis-shaped tensor (naming it).
     """
-    hf = read_config(path)
-    config = hf_config.lm_config(hf, where=os.path.join(path, "config.json"))
+    config = lm_config_from_dir(path)
     config.model.dtype, config.model.param_dtype = dtype, param_dtype
     arch = hf_config.ARCHITECTURES[config.hf.architecture]
     cfg = ModelConfig.from_mapping(config.model.to_dict(), path="config.model")
@@ -275,15 +284,6 @@ def _build(cfg: ModelConfig, value_of, arch: Architecture) -> DecoderLM:
     return model
 
 
-def _host_value(value: jax.Array) -> np.ndarray:
-    """One parameter on the host: gathered over the mesh (and over processes when not addressable)."""
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        value = multihost_utils.process_allgather(value, tiled=True)
-    return np.asarray(jax.device_get(value))
-
-
 def export_tensors(model: DecoderLM, config, *, architecture: str | None = None) -> tuple[dict, Iterator]:
     """``(config.json dict, iterator of (HF name, NumPy array))`` of ``model``, one parameter at a time.
 
@@ -317,7 +317,7 @@ def export_tensors(model: DecoderLM, config, *, architecture: str | None = None)
 
     def tensors():
         for spec in specs:
-            value = _host_value(flat[spec.ours].get_value())
+            value = host_value(flat[spec.ours].get_value())
             if spec.ours == ("embedder", "embed", "table") and cfg.scale_embeddings:
                 # HF decoders do not scale lookups: fold sqrt(D) into the input table.
                 scaled = (value.astype(np.float32) * np.float32(cfg.d_model**0.5)).astype(value.dtype)
@@ -436,3 +436,4 @@ def save(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+

@@ -28,9 +28,10 @@ from jax.sharding import NamedSharding
 from moe_jax import sharding
 from moe_jax.errors import ConfigError, NonFiniteLossError, RunInterrupted
 from moe_jax.tasks import get_task
+from moe_jax.tasks.base import plain
 from moe_jax.train import optim
 from moe_jax.train import step as step_lib
-from moe_jax.train.checkpoint import Checkpointer
+from moe_jax.train.checkpoint import Checkpointer, identity_differences
 from moe_jax.train.lock import WorkdirLock
 from moe_jax.train.logging import RunLogger
 from moe_jax.train.workdir import resolve_workdir
@@ -258,7 +259,7 @@ def _run(config, task, workdir, mesh, rules, data, stream, evaluating, signals) 
                 raise ConfigError(
                     f"--workdir={workdir} holds no checkpoint: nothing to evaluate (train first)"
                 )
-            start_step, state = 0, jax.device_put(state, state_sh)
+            start_step, state = 0, jax.device_put(_initial_state(config, workdir, state, say), state_sh)
         else:
             start_step, state, _ = restored
             say(f"resumed from checkpoint step {start_step} in {ckpt.directory}")
@@ -354,6 +355,33 @@ def _run(config, task, workdir, mesh, rules, data, stream, evaluating, signals) 
         name = "eval_metrics.json" if evaluating else "final_metrics.json"
         _write_json_atomic(os.path.join(workdir, name), final)
         return final
+
+
+def _initial_state(config, workdir: str, state, say):
+    """The step-0 state: ``WORKDIR/init_params.safetensors`` when present (``moe_jax.convert``), else random.
+
+    Raises:
+        ConfigError: the file was written for another model (naming the field), or does not fit it.
+    """
+    from moe_jax.train import init_params
+
+    found = init_params.read_init_params(workdir)
+    if found is None:
+        return state
+    saved, params = found
+    where = os.path.join(workdir, init_params.INIT_PARAMS)
+    diffs = identity_differences({"model": saved.get("model", {})}, {"model": plain(config.model)})
+    if diffs:
+        raise ConfigError(
+            f"{where} was written for another model ({'; '.join(diffs[:3])}); run with the config it was "
+            "converted with, or use a new --workdir"
+        )
+    try:
+        state = init_params.apply_init_params(state, params, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    say(f"starting from the parameters in {where}")
+    return state
 
 
 def _keep_tokenizer(data, workdir: str) -> None:
