@@ -282,3 +282,19 @@ def test_upcycled_model_with_noise_differs_and_exports_as_mixtral(tmp_path):
         hf.load(os.path.join(FIXTURES, "llama"), upcycle=dict(num_experts=2, top_k=1, granularity=5))
     with pytest.raises(ValueError, match="already has MoE blocks"):
         hf.load(os.path.join(FIXTURES, "mixtral"), upcycle=dict(num_experts=2, top_k=1))
+
+
+def test_bfloat16_parameters_save_and_load_as_bfloat16(tmp_path):
+    model, config = hf.load(os.path.join(FIXTURES, "qwen3_moe"), param_dtype="bfloat16")
+    out = str(tmp_path / "bf16")
+    hf.save(model, config, out)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    written = _hf_tensors(out)
+    original = _hf_tensors(os.path.join(FIXTURES, "qwen3_moe"))
+    for key, value in original.items():
+        assert written[key].dtype.name == "bfloat16", key
+        np.testing.assert_array_equal(written[key], value.astype(written[key].dtype))
+    again, _ = hf.load(out, param_dtype="bfloat16")
+    for key, value in _params(model).items():
+        np.testing.assert_array_equal(_params(again)[key], value)

@@ -29,6 +29,8 @@ import dataclasses
 from typing import Any
 
 import ml_collections
+import ml_dtypes  # noqa: F401 - lets NumPy name bfloat16
+import numpy as np
 
 from moe_jax.models import ModelConfig
 
@@ -321,7 +323,7 @@ def hf_config(cfg: ModelConfig, arch: Architecture, source: dict[str, Any] | Non
         max_position_embeddings=(source or {}).get("max_position_embeddings", cfg.max_len),
         tie_word_embeddings=cfg.tie_embeddings and not cfg.scale_embeddings,
         attention_dropout=0.0,
-        dtype="float32",
+        dtype=str(np.dtype(cfg.param_dtype)),  # the dtype the tensors are written in
     )
     if arch.model_type in ("mixtral", "mistral"):
         out["sliding_window"] = None

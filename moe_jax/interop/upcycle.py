@@ -92,7 +92,9 @@ def upcycle(
     )
     new_config = copy.deepcopy(config)
     new_config.model.moe.update(moe)
-    new_cfg = ModelConfig.from_mapping(new_config.model.to_dict(), path="config.model")
+    new_cfg = ModelConfig.from_mapping(
+        new_config.model.to_dict(), path="config.model", vocab_size=cfg.vocab_size
+    )
     if new_config.get("hf") is not None:
         new_config.hf.architecture = None
 
