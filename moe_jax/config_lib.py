@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpoints = True
     c.train.nonfinite = "stop"  # 'stop': end the run naming the step; 'skip': drop that update and go on
     c.train.tensorboard = True
+    # (first, last): a jax.profiler trace of those training steps in WORKDIR/profile; None: no trace.
+    c.train.profile_steps = _untyped(None)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 64

@@ -38,9 +38,23 @@ def read_metrics(workdir, kind="train"):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """One 4-step smoke run shared by the tests below (compiling dominates its cost)."""
+    """One 4-step smoke run shared by the tests below (compiling dominates its cost); steps 2-3 traced."""
     workdir = tmp_path_factory.mktemp("smoke")
-    return workdir, loop.train_and_evaluate(smoke_config(num_train_steps=4), str(workdir))
+    config = smoke_config(num_train_steps=4, profile_steps=(2, 3))
+    return workdir, loop.train_and_evaluate(config, str(workdir))
+
+
+def test_profile_steps_write_a_trace(smoke_run):
+    workdir, _ = smoke_run
+    traces = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "profile") for f in fs]
+    assert any(t.endswith(".xplane.pb") for t in traces) and any(t.endswith(".trace.json.gz") for t in traces)
+
+
+@pytest.mark.parametrize("value", [(3, 2), (0, 1), (1,), "2-3", (1.0, 2)])
+def test_bad_profile_steps_are_refused(value):
+    config = smoke_config(profile_steps=value)
+    with pytest.raises(ConfigError, match="config.train.profile_steps="):
+        loop.validate_config(config)
 
 
 def test_smoke_run_writes_everything(smoke_run):

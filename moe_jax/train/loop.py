@@ -74,6 +74,7 @@ def validate_config(config, task=None) -> tuple[jax.sharding.Mesh, Any]:
         raise ConfigError(f"config.train.nonfinite={t.nonfinite!r} must be 'stop' or 'skip'")
     for name in ("log_every", "eval_every", "checkpoint_every"):
         _int_field(t, "train", name, minimum=0, fix=" (0 turns it off)")
+    _check_profile_steps(t.get("profile_steps"))
     _int_field(t, "train", "keep_checkpoints", minimum=1, fix=" (older checkpoints beyond it are deleted)")
     try:
         rules = sharding.preset_rules(config.sharding.preset)
@@ -292,6 +293,7 @@ def _run(config, task, workdir, mesh, rules, data, stream, evaluating, signals) 
                 ckpt.wait()
                 raise RunInterrupted(signals.signum, step, saved=not evaluating)
 
+        profiler = _Profiler(None, workdir, say)
         try:
             if start_step == 0 and not evaluating:
                 at_start = task.at_start(run, state, stream=stream)
@@ -307,6 +309,7 @@ def _run(config, task, workdir, mesh, rules, data, stream, evaluating, signals) 
                 lb_weight=float(config.loss.lb_weight),
                 z_weight=float(config.loss.z_weight),
             )
+            profiler = _Profiler(t_cfg.get("profile_steps"), workdir, say)
             tokens, last_good, t0 = 0.0, start_step, time.time()
             signals.training = True
             for step in range(start_step + 1, total_steps + 1):
@@ -314,7 +317,9 @@ def _run(config, task, workdir, mesh, rules, data, stream, evaluating, signals) 
                 stop_if_signalled(step - 1)
                 batch = next(train_iter)
                 tokens += task.count_tokens(batch)
+                profiler.before(step)
                 state, metrics = train_fn(state, {k: run.put(batch[k]) for k in task.train_keys})
+                profiler.after(step, metrics)
                 if not bool(metrics["finite"]):
                     msg = _nonfinite_message(step, metrics)
                     if t_cfg.get("nonfinite", "stop") == "stop":
@@ -345,6 +350,7 @@ def _run(config, task, workdir, mesh, rules, data, stream, evaluating, signals) 
                 final["train_seconds"] = train_seconds
             logger.log_eval(max(total_steps, start_step), final, prefix="final")
         finally:
+            profiler.close()
             ckpt.close()
             logger.close()
         if not evaluating:
@@ -355,6 +361,50 @@ def _run(config, task, workdir, mesh, rules, data, stream, evaluating, signals) 
         name = "eval_metrics.json" if evaluating else "final_metrics.json"
         _write_json_atomic(os.path.join(workdir, name), final)
         return final
+
+
+def _check_profile_steps(value) -> None:
+    """``config.train.profile_steps``: None, or ``(first, last)`` training steps, 1 <= first <= last."""
+    if value is None:
+        return
+    ok = (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and 1 <= value[0] <= value[1]
+    )
+    if not ok:
+        raise ConfigError(
+            f"config.train.profile_steps={value!r} must be None or (first, last) steps with 1 <= first <= "
+            "last (e.g. --config.train.profile_steps='(10, 12)')"
+        )
+
+
+class _Profiler:
+    """A ``jax.profiler`` trace of training steps ``first..last`` into ``WORKDIR/profile`` (TensorBoard's
+    profile plugin and Perfetto read it); does nothing without ``profile_steps``."""
+
+    def __init__(self, steps, workdir: str, say):
+        self.first, self.last = steps if steps else (None, None)
+        self.dir, self.say, self.active = os.path.join(workdir, "profile"), say, False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(self.dir)
+            self.active = True
+
+    def after(self, step: int, metrics) -> None:
+        if self.active and step == self.last:
+            jax.block_until_ready(metrics)  # the trace must hold the whole last step
+            self.close()
+            self.say(
+                f"profile of steps {self.first}-{self.last}: {self.dir} (tensorboard --logdir={self.dir})"
+            )
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def _initial_state(config, workdir: str, state, say):
