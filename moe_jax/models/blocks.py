@@ -207,6 +207,30 @@ class Block(nnx.Module):
         return (x_BLD, aux) if cache is None else (x_BLD, aux, cache)
 
 
+# name -> jax.checkpoint policy (None: save nothing, recompute the whole block). Memory falls and compute
+# rises from "dots_saveable" (keeps every matmul output, recomputes elementwise ops) through
+# "dots_with_no_batch_dims_saveable" (keeps only weight matmuls' outputs) to "full" (keeps only the block
+# input: one extra forward per block). "none" stores every activation for the backward pass.
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat_call(block, x_BLD, key, policy: str, kwargs):
+    """``block(x_BLD, dropout_key=key, **kwargs)`` under ``nnx.remat`` with the named policy.
+
+    Python values among ``kwargs`` (``deterministic``, names) stay static through the closure.
+    """
+
+    def call(block, x_BLD, key):
+        return block(x_BLD, dropout_key=key, **kwargs)
+
+    return nnx.remat(call, policy=REMAT_POLICIES[policy])(block, x_BLD, key)
+
+
 def make_blocks(num_layers: int, moe_layers: Sequence[int], moe: MoeConfig, **block_kwargs) -> nnx.List:
     """``num_layers`` blocks, those in ``moe_layers`` with an MoE FFN built from ``moe`` (in order)."""
     moe_set = set(moe_layers)
@@ -220,18 +244,22 @@ def run_blocks(
     name: str,
     dropout_key: jax.Array | None = None,
     caches: Sequence[dict[str, jax.Array]] | None = None,
+    remat_policy: str = "none",
     **kwargs,
 ) -> tuple[jax.Array, dict] | tuple[jax.Array, dict, tuple[dict[str, jax.Array], ...]]:
     """Applies ``blocks`` in order; returns ``(x_BLD, aux)`` with aux keyed ``<name>/layer_<i>``.
 
     Block i gets the dropout key ``fold_in(dropout_key, i)`` and, when ``caches`` is given (one KV cache
     per block), ``caches[i]``; then the return value is ``(x_BLD, aux, new_caches)``. The other keyword
-    arguments go to every block.
+    arguments go to every block. ``remat_policy`` (:data:`REMAT_POLICIES`) rematerialises each block in the
+    backward pass (not with caches: decoding has no backward pass).
     """
     aux, new_caches = {}, []
     for i, block in enumerate(blocks):
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-        if caches is None:
+        if caches is None and remat_policy != "none":
+            x_BLD, layer_aux = _remat_call(block, x_BLD, key, remat_policy, kwargs)
+        elif caches is None:
             x_BLD, layer_aux = block(x_BLD, dropout_key=key, **kwargs)
         else:
             x_BLD, layer_aux, cache = block(x_BLD, dropout_key=key, cache=caches[i], **kwargs)

@@ -27,7 +27,7 @@ from flax import nnx
 from moe_jax import sharding
 from moe_jax.errors import ConfigError
 from moe_jax.models import config as config_lib
-from moe_jax.models.blocks import make_blocks, run_blocks
+from moe_jax.models.blocks import REMAT_POLICIES, make_blocks, run_blocks
 from moe_jax.models.config import MoeConfig, Section, dtypes
 from moe_jax.models.layers import QK_NORMS, Embed, Norm, dropout
 
@@ -51,6 +51,9 @@ class ModelConfig(Section):
         tie_embeddings: output logits use the (shared) embedding table.
         scale_embeddings: multiply embedding lookups by sqrt(d_model) (False for imported Hugging Face
             decoders, which do not).
+        remat_policy: rematerialise each block in the backward pass (``models/blocks.py:
+            REMAT_POLICIES``: ``none``, ``full``, ``dots_saveable``, ``dots_with_no_batch_dims_saveable``);
+            outputs and gradients are the same, memory falls and compute rises.
         pad_id: the token id the decoder LM treats as padding when called without ``mask_BL`` or segment
             ids; ``None``: every token is real (imported Hugging Face decoders, whose id 0 is a token).
         num_kv_heads: key/value heads, grouped-query attention when fewer than ``num_heads`` (which it must
@@ -82,6 +85,7 @@ class ModelConfig(Section):
     tie_embeddings: bool = True
     scale_embeddings: bool = True
     pad_id: int | None = 0
+    remat_policy: str = "none"
     num_kv_heads: int | None = None
     qk_norm: str = "none"
     qkv_bias: bool = False
@@ -102,6 +106,7 @@ class ModelConfig(Section):
         config_lib.check_choice("positions", self.positions, POSITIONS)
         config_lib.check_bool("tie_embeddings", self.tie_embeddings)
         config_lib.check_bool("scale_embeddings", self.scale_embeddings)
+        config_lib.check_choice("remat_policy", self.remat_policy, tuple(REMAT_POLICIES))
         if self.pad_id is not None:
             config_lib.check_int("pad_id", self.pad_id, 0)
         config_lib.check_optional_int("num_kv_heads", self.num_kv_heads)
@@ -149,7 +154,7 @@ class _Stack(nnx.Module):
     def __init__(
         self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, name: str, rngs: nnx.Rngs
     ):
-        self.name = name
+        self.name, self.remat_policy = name, cfg.remat_policy
         self.layers = make_blocks(
             num_layers,
             cfg.moe_layers(num_layers),
@@ -161,7 +166,14 @@ class _Stack(nnx.Module):
 
     def __call__(self, x_BLD, *, dropout_key=None, **kwargs):
         """``(x_BLD, aux)``, or ``(x_BLD, aux, new_caches)`` with ``caches=`` (see :func:`run_blocks`)."""
-        x_BLD, *rest = run_blocks(self.layers, x_BLD, name=self.name, dropout_key=dropout_key, **kwargs)
+        x_BLD, *rest = run_blocks(
+            self.layers,
+            x_BLD,
+            name=self.name,
+            dropout_key=dropout_key,
+            remat_policy=self.remat_policy,
+            **kwargs,
+        )
         return self.final_norm(x_BLD), *rest
 
 
