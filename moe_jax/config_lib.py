@@ -115,6 +115,7 @@ def seq2seq_config() -> ml_collections.ConfigDict:
 
     # Fields of moe_jax.models.ModelConfig (vocab_size comes from the tokenizer).
     c.model.d_model = 256
+    c.model.remat_policy = "none"  # or full / dots_saveable / ...: recompute blocks in the backward pass
     c.model.num_heads = 4
     c.model.head_dim = None
     c.model.d_ff = 512
@@ -161,6 +162,7 @@ def lm_config() -> ml_collections.ConfigDict:
     c.data.shuffle_rows = 16_384
 
     c.model.d_model = 256
+    c.model.remat_policy = "none"  # or full / dots_saveable / ...: recompute blocks in the backward pass
     c.model.num_heads = 4
     c.model.num_kv_heads = _untyped(None)  # None: num_heads (multi-head); fewer: grouped-query attention
     c.model.head_dim = _untyped(None)

@@ -81,3 +81,14 @@ def test_remat_recomputes_in_the_backward_pass():
 def test_unknown_policy_is_refused():
     with pytest.raises(ConfigError, match="remat_policy='offload_everything' is unknown"):
         ModelConfig.from_mapping(dict(vocab_size=8, remat_policy="offload_everything"))
+
+
+def test_remat_policy_is_settable_and_not_part_of_the_checkpoint_identity():
+    """A run may resume with another policy: it changes the computation, not the model."""
+    from moe_jax import config_lib
+    from moe_jax.tasks.base import model_identity
+
+    for config in (config_lib.lm_config(), config_lib.seq2seq_config()):
+        assert config.model.remat_policy == "none"  # present, so --config.model.remat_policy=... parses
+        config.model.remat_policy = "full"
+        assert "remat_policy" not in model_identity(config.model)

@@ -37,6 +37,18 @@ def plain(section) -> dict[str, Any]:
     )
 
 
+# Model fields that change how a step is computed, not what the model is: a run may resume with another value.
+RUNTIME_MODEL_FIELDS = ("remat_policy",)
+
+
+def model_identity(model_section) -> dict[str, Any]:
+    """``config.model`` as a checkpoint records it to recognise the model (runtime-only fields left out)."""
+    out = plain(model_section)
+    for name in RUNTIME_MODEL_FIELDS:
+        out.pop(name, None)
+    return out
+
+
 class Task:
     """Base class of the task families; subclasses override the methods below.
 
@@ -68,7 +80,7 @@ class Task:
         out = {
             "task": config.task,
             "data": {k: v for k, v in plain(config.data).items() if k in self.identity_data_fields},
-            "model": plain(config.model),
+            "model": model_identity(config.model),
             # These shape the optimizer state; the learning rate and schedule may change on resume.
             "optimizer": {
                 "name": config.optim.get("name", "adamw"),
