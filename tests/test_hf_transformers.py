@@ -31,7 +31,7 @@ def _perturbed(name):
     return model, config
 
 
-@pytest.mark.parametrize("name", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "llama", "qwen2"])
+@pytest.mark.parametrize("name", ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "llama", "mistral", "qwen2"])
 def test_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(name, tmp_path):
     import torch
     import transformers
