@@ -92,3 +92,16 @@ def test_remat_policy_is_settable_and_not_part_of_the_checkpoint_identity():
         assert config.model.remat_policy == "none"  # present, so --config.model.remat_policy=... parses
         config.model.remat_policy = "full"
         assert "remat_policy" not in model_identity(config.model)
+
+
+def test_checkpoints_that_record_remat_policy_still_resume():
+    """Checkpoints written while the policy was part of the identity record it; a run with another
+    policy (or one that leaves it out) must not be refused for it, while a real model change still is."""
+    from moe_jax.train.checkpoint import identity_differences
+
+    saved = {"model": {"d_model": 32, "remat_policy": "none"}}
+    assert identity_differences(saved, {"model": {"d_model": 32}}) == []
+    assert identity_differences(saved, {"model": {"d_model": 32, "remat_policy": "full"}}) == []
+    assert identity_differences(saved, {"model": {"d_model": 64}}) == [
+        "model.d_model: 32 in the checkpoint vs 64 now"
+    ]

@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from moe_jax.errors import ConfigError
+from moe_jax.train.checkpoint import RUNTIME_MODEL_FIELDS
 
 
 def data_dir(config) -> str:
@@ -35,10 +36,6 @@ def plain(section) -> dict[str, Any]:
     return json.loads(
         json.dumps(section.to_dict() if hasattr(section, "to_dict") else dict(section), default=str)
     )
-
-
-# Model fields that change how a step is computed, not what the model is: a run may resume with another value.
-RUNTIME_MODEL_FIELDS = ("remat_policy",)
 
 
 def model_identity(model_section) -> dict[str, Any]:

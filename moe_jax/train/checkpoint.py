@@ -62,16 +62,23 @@ def model_differences(
     return out
 
 
+# Model fields that change how a step is computed, not what the model is: a run may resume with another value.
+RUNTIME_MODEL_FIELDS = ("remat_policy",)
+
+
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """What differs between a checkpoint's recorded identity and this run's: task, data, tokenizer, model.
 
-    Keys a checkpoint does not record (older runs) are not compared.
+    Keys a checkpoint does not record (older runs) are not compared, nor are :data:`RUNTIME_MODEL_FIELDS`
+    (on either side: checkpoints written before a field became runtime-only still record it).
     """
     out = []
     for key in ("task", "data", "vocab_size", "model", "optimizer"):
         if key not in saved or key not in current:
             continue
         a, b = saved[key], current[key]
+        if key == "model" and isinstance(a, Mapping) and isinstance(b, Mapping):
+            a, b = ({k: v for k, v in m.items() if k not in RUNTIME_MODEL_FIELDS} for m in (a, b))
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += model_differences(a, b, key)
         elif a != b:

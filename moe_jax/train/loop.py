@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from moe_jax import sharding
 from moe_jax.errors import ConfigError, NonFiniteLossError, RunInterrupted
 from moe_jax.tasks import get_task
-from moe_jax.tasks.base import RUNTIME_MODEL_FIELDS, model_identity
+from moe_jax.tasks.base import model_identity
 from moe_jax.train import optim
 from moe_jax.train import step as step_lib
 from moe_jax.train.checkpoint import Checkpointer, identity_differences
@@ -420,8 +420,7 @@ def _initial_state(config, workdir: str, state, say):
         return state
     saved, params = found
     where = os.path.join(workdir, init_params.INIT_PARAMS)
-    saved_model = {k: v for k, v in saved.get("model", {}).items() if k not in RUNTIME_MODEL_FIELDS}
-    diffs = identity_differences({"model": saved_model}, {"model": model_identity(config.model)})
+    diffs = identity_differences({"model": saved.get("model", {})}, {"model": model_identity(config.model)})
     if diffs:
         raise ConfigError(
             f"{where} was written for another model ({'; '.join(diffs[:3])}); run with the config it was "
