@@ -116,6 +116,7 @@ def seq2seq_config() -> ml_collections.ConfigDict:
     # Fields of moe_jax.models.ModelConfig (vocab_size comes from the tokenizer).
     c.model.d_model = 256
     c.model.remat_policy = "none"  # or full / dots_saveable / ...: recompute blocks in the backward pass
+    c.model.scan_layers = False  # True: repeated blocks stacked and run by a scan (pod-scale compiles)
     c.model.num_heads = 4
     c.model.head_dim = None
     c.model.d_ff = 512
@@ -163,6 +164,7 @@ def lm_config() -> ml_collections.ConfigDict:
 
     c.model.d_model = 256
     c.model.remat_policy = "none"  # or full / dots_saveable / ...: recompute blocks in the backward pass
+    c.model.scan_layers = False  # True: repeated blocks stacked and run by a scan (pod-scale compiles)
     c.model.num_heads = 4
     c.model.num_kv_heads = _untyped(None)  # None: num_heads (multi-head); fewer: grouped-query attention
     c.model.head_dim = _untyped(None)

@@ -6,7 +6,8 @@ This is the only module that spells ``PartitionSpec``s. Modules annotate paramet
 
 Logical axes:
     Parameters: ``embed`` (d_model), ``mlp`` (d_ff), ``expert`` (E), ``heads`` (query heads), ``kv_heads``
-    (key/value heads, fewer than ``heads`` under grouped-query attention), ``kv`` (head width), ``vocab``.
+    (key/value heads, fewer than ``heads`` under grouped-query attention), ``kv`` (head width), ``vocab``,
+    ``layers`` (the stacking axis of scanned blocks, never sharded).
     Activations: ``act_batch`` (batch or token groups), ``act_length``, ``act_embed``, ``act_expert``
     (the expert dim of dispatched buffers), ``act_capacity``, ``act_mlp``.
 
@@ -37,6 +38,7 @@ _BATCH_AXES = ("data", "fsdp", "expert")
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 _COMMON_ACTIVATIONS: Rules = (
+    ("layers", None),  # the stacked-blocks axis of scanned layers: every chip holds every layer's slice
     ("act_batch", _BATCH_AXES),
     ("act_length", None),
     ("act_embed", None),

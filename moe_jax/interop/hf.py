@@ -288,7 +288,7 @@ def export_tensors(model: DecoderLM, config, *, architecture: str | None = None)
     """``(config.json dict, iterator of (HF name, NumPy array))`` of ``model``, one parameter at a time.
 
     Args:
-        model: the LM (sharded or not).
+        model: the LM (sharded or not; scanned layers are written per layer).
         config: its config (``config.model``; ``config.hf`` when it was imported).
         architecture: the HF architecture to write; default ``config.hf.architecture``, else inferred
             (:func:`~moe_jax.interop.hf_config.infer_architecture`).
@@ -296,6 +296,10 @@ def export_tensors(model: DecoderLM, config, *, architecture: str | None = None)
     Raises:
         ValueError: the model has no exact equivalent in the architecture (naming the field).
     """
+    if model.cfg.scan_layers:  # Hugging Face stores one tensor per layer: unstack (sliced where it lies)
+        from moe_jax.models import scan
+
+        model = scan.to_unscanned(model)
     cfg = model.cfg
     hf_section = config.get("hf") if hasattr(config, "get") else None
     name = architecture or (hf_section.get("architecture") if hf_section is not None else None)

@@ -27,6 +27,7 @@ from flax import nnx
 from moe_jax import sharding
 from moe_jax.errors import ConfigError
 from moe_jax.models import config as config_lib
+from moe_jax.models import scan
 from moe_jax.models.blocks import REMAT_POLICIES, make_blocks, run_blocks
 from moe_jax.models.config import MoeConfig, Section, dtypes
 from moe_jax.models.layers import QK_NORMS, Embed, Norm, dropout
@@ -54,6 +55,9 @@ class ModelConfig(Section):
         remat_policy: rematerialise each block in the backward pass (``models/blocks.py:
             REMAT_POLICIES``: ``none``, ``full``, ``dots_saveable``, ``dots_with_no_batch_dims_saveable``);
             outputs and gradients are the same, memory falls and compute rises.
+        scan_layers: stack the repeated blocks' parameters on a leading ``layers`` axis and run them with a
+            scan (``models/scan.py``): the same function, compiled once per repeating unit instead of once
+            per layer; checkpoints convert with ``scan.to_scanned`` / ``to_unscanned``.
         pad_id: the token id the decoder LM treats as padding when called without ``mask_BL`` or segment
             ids; ``None``: every token is real (imported Hugging Face decoders, whose id 0 is a token).
         num_kv_heads: key/value heads, grouped-query attention when fewer than ``num_heads`` (which it must
@@ -86,6 +90,7 @@ class ModelConfig(Section):
     scale_embeddings: bool = True
     pad_id: int | None = 0
     remat_policy: str = "none"
+    scan_layers: bool = False
     num_kv_heads: int | None = None
     qk_norm: str = "none"
     qkv_bias: bool = False
@@ -107,6 +112,7 @@ class ModelConfig(Section):
         config_lib.check_bool("tie_embeddings", self.tie_embeddings)
         config_lib.check_bool("scale_embeddings", self.scale_embeddings)
         config_lib.check_choice("remat_policy", self.remat_policy, tuple(REMAT_POLICIES))
+        config_lib.check_bool("scan_layers", self.scan_layers)
         if self.pad_id is not None:
             config_lib.check_int("pad_id", self.pad_id, 0)
         config_lib.check_optional_int("num_kv_heads", self.num_kv_heads)
@@ -149,32 +155,55 @@ def _check_positive(name: str, value: Any, *, none: str | None = None) -> None:
 
 
 class _Stack(nnx.Module):
-    """Embedding-free stack of blocks plus a final norm."""
+    """Embedding-free stack of blocks plus a final norm.
+
+    With ``cfg.scan_layers`` the blocks that repeat are a :class:`~moe_jax.models.scan.ScannedBlocks`
+    (``self.scanned``) after the unrolled leading ones (``self.layers``); otherwise every block is in
+    ``self.layers``.
+    """
 
     def __init__(
         self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, name: str, rngs: nnx.Rngs
     ):
         self.name, self.remat_policy = name, cfg.remat_policy
-        self.layers = make_blocks(
-            num_layers,
-            cfg.moe_layers(num_layers),
-            cfg.moe,
-            **block_kwargs(cfg, causal=causal, cross=cross),
-            rngs=rngs,
+        moe_layers = cfg.moe_layers(num_layers)
+        kwargs = block_kwargs(cfg, causal=causal, cross=cross)
+        lead, period, units = (
+            scan.stack_layout(num_layers, moe_layers) if cfg.scan_layers else (num_layers, 0, 0)
         )
+        self.layers = make_blocks(lead, moe_layers, cfg.moe, **kwargs, rngs=rngs)
+        moe_set = set(moe_layers)
+        unit_moe = [cfg.moe if lead + j in moe_set else None for j in range(period)]
+        self.scanned = scan.ScannedBlocks(lead, units, unit_moe, **kwargs, rngs=rngs) if period else None
         self.final_norm = Norm(cfg.d_model, cfg.norm, eps=cfg.norm_eps, **dtypes(cfg))
 
-    def __call__(self, x_BLD, *, dropout_key=None, **kwargs):
+    def __call__(self, x_BLD, *, dropout_key=None, caches=None, **kwargs):
         """``(x_BLD, aux)``, or ``(x_BLD, aux, new_caches)`` with ``caches=`` (see :func:`run_blocks`)."""
-        x_BLD, *rest = run_blocks(
-            self.layers,
-            x_BLD,
-            name=self.name,
-            dropout_key=dropout_key,
-            remat_policy=self.remat_policy,
-            **kwargs,
-        )
-        return self.final_norm(x_BLD), *rest
+        lead = len(self.layers)
+        common = dict(name=self.name, dropout_key=dropout_key, remat_policy=self.remat_policy, **kwargs)
+        parts = [run_blocks(self.layers, x_BLD, caches=None if caches is None else caches[:lead], **common)]
+        if self.scanned is not None:
+            rest = None if caches is None else caches[lead:]
+            parts.append(self.scanned(parts[-1][0], caches=rest, **common))
+        x_BLD = self.final_norm(parts[-1][0])
+        aux = {k: v for part in parts for k, v in part[1].items()}
+        if caches is None:
+            return x_BLD, aux
+        return x_BLD, aux, tuple(c for part in parts for c in part[2])
+
+    def init_caches(self, batch_size: int, max_len: int, dtype) -> tuple[dict[str, jax.Array], ...]:
+        """An empty KV cache per unrolled block, then one stacked cache per scanned unit position."""
+        caches = []
+        for block in self.layers:
+            attn = block.self_attn
+            shape = (batch_size, max_len, attn.num_kv_heads, attn.head_dim)
+            caches.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+        if self.scanned is not None:
+            caches += self.scanned.init_caches(batch_size, max_len, dtype)
+        return tuple(caches)
+
+    def num_caches(self) -> int:
+        return len(self.layers) + (self.scanned.period if self.scanned is not None else 0)
 
 
 def block_kwargs(cfg: ModelConfig, *, causal: bool, cross: bool) -> dict:
@@ -450,13 +479,7 @@ class DecoderLM(nnx.Module):
             raise ValueError(
                 f"cache max_len={max_len} exceeds the model's learned positions max_len={self.cfg.max_len}"
             )
-        dtype = jnp.dtype(self.cfg.dtype)
-        caches = []
-        for block in self.decoder.layers:
-            attn = block.self_attn
-            shape = (batch_size, max_len, attn.num_kv_heads, attn.head_dim)
-            caches.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
-        return tuple(caches)
+        return self.decoder.init_caches(batch_size, max_len, jnp.dtype(self.cfg.dtype))
 
     def prefill(self, tokens_BL, lengths_B, cache):
         """Runs the right-padded prompts and writes their keys and values into the cache.
@@ -518,11 +541,12 @@ class DecoderLM(nnx.Module):
 
     def _cache_len(self, cache, length: int) -> int:
         """The cache length M, checking the cache has one entry per block and room for ``length``."""
-        if len(cache) != len(self.decoder.layers):
+        if len(cache) != self.decoder.num_caches():
             raise ValueError(
-                f"the cache has {len(cache)} layers but the model {len(self.decoder.layers)}; use init_cache"
+                f"the cache has {len(cache)} entries but the model needs {self.decoder.num_caches()}; "
+                "use init_cache"
             )
-        M = cache[0]["k"].shape[1] if cache else length
+        M = cache[0]["k"].shape[-3] if cache else length
         if length > M:
             raise ValueError(f"{length} prompt positions do not fit a cache of max_len={M}")
         return M
