@@ -58,9 +58,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_jax import hlo_stats, sharding  # noqa: E402
-from moe_jax.models import ModelConfig, Seq2SeqTransformer  # noqa: E402
-from moe_jax.tasks import seq2seq as seq2seq_task  # noqa: E402
+from moe_jax import hlo_stats, planner, sharding  # noqa: E402
 from moe_jax.train import optim, step  # noqa: E402
 
 # A mesh per strategy for 8 devices (-1 takes the rest): each strategy on the layout it is meant for.
@@ -125,11 +123,9 @@ def measure_strategy(config, strategy: str, mesh_shape: dict, steps: int) -> dic
     mesh = sharding.make_mesh(mesh_shape)
     rules = sharding.preset_rules(strategy)
     vocab = int(config.data.vocab_size)
-    B = int(config.train.batch_size)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        cfg = ModelConfig.from_mapping(config.model.to_dict(), vocab_size=vocab)
-        model = Seq2SeqTransformer(cfg, bos_id=2, rngs=nnx.Rngs(params=0))
+        model = planner.build_model(config, vocab)
         tx, schedule = optim.make_optimizer(config.optim, max(steps, 1))
         graphdef, state = step.create_train_state(model, tx)
         state_sh = sharding.state_shardings(state, mesh, rules)
@@ -140,17 +136,13 @@ def measure_strategy(config, strategy: str, mesh_shape: dict, steps: int) -> dic
         )
 
         def batch():
-            ids = lambda n: rng.integers(4, vocab, size=(B, n), dtype=np.int32)
-            return {
-                "inputs": jax.device_put(ids(int(config.data.max_input_len)), batch_sh),
-                "targets": jax.device_put(ids(int(config.data.max_target_len)), batch_sh),
-            }
+            return jax.device_put(planner.random_batch(config, rng), batch_sh)
 
         train_fn = step.jit_train_step(
             graphdef,
             state_sh,
             batch_sh,
-            loss_sums=seq2seq_task.loss_sums,
+            loss_sums=planner.loss_sums(config),
             schedule=schedule,
             seed=0,
             lb_weight=float(config.loss.lb_weight),
@@ -272,6 +264,8 @@ def main(argv=None) -> int:
     try:
         meshes = dict(parse_mesh(m) for m in args.mesh)
         configs = [(config_name(spec), load_config(spec, args.overrides)) for spec in args.config]
+        for _, config in configs:
+            planner.check_task(config)
     except (ValueError, KeyError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -303,8 +297,6 @@ def main(argv=None) -> int:
 
 def plan_main(args, configs, strategies, meshes) -> int:
     """``--topology``: compiles every config × strategy for the pod and writes the plan."""
-    from moe_jax import planner
-
     # The host only traces and compiles; keep its own backend on CPU so it never opens local TPU chips.
     if not jax.config.jax_platforms:
         jax.config.update("jax_platforms", "cpu")

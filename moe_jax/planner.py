@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -38,7 +37,6 @@ from flax import nnx
 
 from moe_jax import hlo_stats, sharding, tpu_specs
 from moe_jax.models import ModelConfig, Seq2SeqTransformer
-from moe_jax.tasks import seq2seq as seq2seq_task
 from moe_jax.train import optim, step
 
 # Topology names that jax accepts, for error messages.
@@ -218,39 +216,106 @@ def ici_bytes(hlo_text: str, num_devices: int) -> int:
     return sum(collective_ici_bytes(c.line, num_devices) for c in hlo_stats.collectives(hlo_text))
 
 
-def build_model(config, vocab_size: int) -> Seq2SeqTransformer:
-    """The config's encoder-decoder (``config.model``; BOS id 2, seed 0: shapes are what matter here)."""
+LM_TASK = "language_modeling"
+PLANNED_TASKS = ("translation", "summarization", LM_TASK)
+
+
+def check_task(config) -> None:
+    """Raises ``ValueError`` unless the planner knows the config's task (the text tasks)."""
+    if config.get("task") not in PLANNED_TASKS:
+        raise ValueError(
+            f"config.task={config.get('task')!r}: the planner plans {', '.join(PLANNED_TASKS)} configs"
+        )
+
+
+def build_model(config, vocab_size: int):
+    """The config's model: the decoder LM (``language_modeling``) or the encoder-decoder (BOS id 2, seed 0:
+    shapes are what matter here)."""
+    check_task(config)
+    if config.task == LM_TASK:
+        from moe_jax.tasks.lm import build_decoder
+
+        return build_decoder(config, vocab_size)
     cfg = ModelConfig.from_mapping(config.model.to_dict(), vocab_size=vocab_size)
     return Seq2SeqTransformer(cfg, bos_id=2, rngs=nnx.Rngs(params=0))
 
 
+def token_lengths(config) -> tuple[int, int]:
+    """``(input_len, target_len)`` of a training row; the LM has only targets (its inputs are shifted)."""
+    if config.task == LM_TASK:
+        return 0, int(config.data.seq_len)
+    return int(config.data.max_input_len), int(config.data.max_target_len)
+
+
+def batch_layout(config) -> dict[str, tuple[int, type]]:
+    """``{key: (row length, dtype)}`` of the training batch the task's train step reads."""
+    if config.task == LM_TASK:
+        L = int(config.data.seq_len)
+        return {
+            "inputs": (L, np.int32),
+            "targets": (L, np.int32),
+            "segment_ids": (L, np.int32),
+            "positions": (L, np.int32),
+            "token_weight": (L, np.float32),
+        }
+    Li, Lt = token_lengths(config)
+    return {"inputs": (Li, np.int32), "targets": (Lt, np.int32)}
+
+
+def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A training batch of random tokens (one document per row for the LM)."""
+    B, vocab = int(config.train.batch_size), int(config.data.vocab_size)
+    out = {}
+    for key, (length, dtype) in batch_layout(config).items():
+        if key in ("inputs", "targets"):
+            out[key] = rng.integers(4, vocab, size=(B, length), dtype=np.int32)
+        elif key == "segment_ids":
+            out[key] = np.ones((B, length), np.int32)
+        elif key == "positions":
+            out[key] = np.broadcast_to(np.arange(length, dtype=np.int32), (B, length)).copy()
+        else:
+            out[key] = np.ones((B, length), dtype)
+    return out
+
+
+def loss_sums(config):
+    """The task's training forward (:meth:`moe_jax.tasks.base.Task.loss_sums`)."""
+    from moe_jax.tasks import get_task
+
+    check_task(config)
+    return get_task(config).loss_sums
+
+
 # --- Model FLOPs ----------------------------------------------------------------------------------------
 def model_flops(config, params: nnx.State) -> dict[str, float]:
-    """Analytic FLOPs of one training step of the seq2seq model: 3 × forward (backward = 2 × forward).
+    """Analytic FLOPs of one training step of a text model: 3 × forward (backward = 2 × forward).
 
     Forward = 2 × (active parameters × the tokens they touch) + attention scores (QKᵀ and AV,
     ``4·B·Lq·Lk·H·head_dim`` per attention). Expert weights count ``top_k / num_experts`` of their size
     (what one token uses; capacity padding is overhead, not model FLOPs); encoder weights see the input
     tokens, decoder weights the target tokens, cross-attention keys/values the input tokens; the tied
-    embedding counts once, as the output projection; norms and lookups are free.
+    embedding counts once, as the output projection; norms and lookups are free. The decoder LM has only
+    the target side (every weight sees ``seq_len`` tokens a row). Attention counts the whole L×L score
+    matrix, causal or not (the PaLM-paper MFU convention).
 
     Returns:
         ``total`` (global FLOPs per step), ``params`` and ``active_params`` (per token).
     """
     m = config.model
     B = int(config.train.batch_size)
-    Li, Lt = int(config.data.max_input_len), int(config.data.max_target_len)
+    Li, Lt = token_lengths(config)
     tokens_in, tokens_out = B * Li, B * Lt
     E, K = int(m.moe.num_experts), int(m.moe.top_k)
     total_params = active_params = 0.0
     forward = 0.0
     for path, variable in nnx.to_flat_state(params):
         keys = [str(getattr(k, "key", k)) for k in path]
-        size = float(math.prod(variable.get_value().shape))
+        shape = variable.get_value().shape
+        size = float(math.prod(shape))
         total_params += size
-        if len(variable.get_value().shape) < 2 or keys[-1] == "pos":
-            continue  # norm scales, biases, learned positions: no matmul
         axes = variable.get_metadata().get("out_sharding") or ()
+        if len(shape) - ("layers" in axes) < 2 or keys[-1] == "pos":
+            continue  # norm scales, biases, learned positions (stacked or not): no matmul
         used = size * K / E if "expert" in axes else size
         active_params += used
         if keys[0] == "embedder":
@@ -266,7 +331,8 @@ def model_flops(config, params: nnx.State) -> dict[str, float]:
             tokens = tokens_out
         forward += 2 * used * tokens
     d_attn = int(m.num_heads) * int(m.head_dim or int(m.d_model) // int(m.num_heads))
-    n_enc, n_dec = int(m.num_encoder_layers), int(m.num_decoder_layers)
+    n_enc = int(m.num_encoder_layers) if config.task != LM_TASK else 0
+    n_dec = int(m.num_decoder_layers)
     forward += 4 * B * d_attn * (n_enc * Li * Li + n_dec * (Lt * Lt + Lt * Li))
     return {"total": 3 * forward, "params": total_params, "active_params": active_params}
 
@@ -305,16 +371,23 @@ def _parse_oom(message: str) -> int | None:
 
 
 def plan_strategy(
-    config, strategy: str, mesh_shape: Mapping[str, int], topology, spec: tpu_specs.TpuSpec
+    config,
+    strategy: str,
+    mesh_shape: Mapping[str, int],
+    topology,
+    spec: tpu_specs.TpuSpec,
+    *,
+    devices: Sequence | None = None,
 ) -> dict:
     """Compiles the trainer's train step for ``strategy`` on the pod and returns one row of estimates.
 
     Args:
-        config: a seq2seq config (``configs/translation.py`` and friends).
+        config: a text config (``configs/translation.py``, ``configs/lm.py`` and friends).
         strategy: a preset of :data:`moe_jax.sharding.PRESETS`.
         mesh_shape: sizes per mesh axis; one may be -1.
         topology: from :func:`load_topology`.
         spec: the chip's peak numbers.
+        devices: plan for these chips of the topology only (default all of them).
 
     Returns:
         A JSON-ready dict (memory, FLOPs, bytes, collectives, roofline, MFU, fit). When the compiler runs
@@ -324,7 +397,7 @@ def plan_strategy(
         ValueError: the mesh does not divide the chip count, a parameter or the batch does not divide its
             mesh axes (the message names the sizes).
     """
-    devices = list(topology.devices)
+    devices = list(topology.devices if devices is None else devices)
     try:
         mesh = sharding.make_mesh(mesh_shape, devices=devices)
     except ValueError as e:
@@ -356,25 +429,29 @@ def plan_strategy(
                 f"sharding over {dict(zip(mesh.axis_names, mesh.devices.shape))}; change train.batch_size"
             )
         batch = {
-            key: jax.ShapeDtypeStruct((B, int(length)), np.int32, sharding=batch_sh)
-            for key, length in (
-                ("inputs", config.data.max_input_len),
-                ("targets", config.data.max_target_len),
-            )
+            key: jax.ShapeDtypeStruct((B, length), dtype, sharding=batch_sh)
+            for key, (length, dtype) in batch_layout(config).items()
         }
         train_fn = step.jit_train_step(
             graphdef,
             state_sh,
             batch_sh,
-            loss_sums=functools.partial(
-                seq2seq_task.loss_sums, label_smoothing=float(config.loss.label_smoothing)
-            ),
+            loss_sums=loss_sums(config),
             schedule=schedule,
             seed=int(config.seed),
             lb_weight=float(config.loss.lb_weight),
             z_weight=float(config.loss.z_weight),
         )
-        lowered = train_fn.lower(abstract_state, batch)
+        try:
+            lowered = train_fn.lower(abstract_state, batch)
+        except NotImplementedError as e:
+            if "Mosaic kernels cannot be automatically partitioned" not in str(e):
+                raise
+            # The megablox grouped matmuls are Pallas/Mosaic kernels: GSPMD cannot split them over chips.
+            raise ValueError(
+                f"{strategy}: the megablox kernels (model.moe.grouped_backend) cannot be partitioned by "
+                "GSPMD over several chips; plan with grouped_backend='core' or one chip"
+            ) from None
     flops_model = model_flops(config, nnx.state(model, nnx.Param))
     chips = len(devices)
     row = {
@@ -417,6 +494,8 @@ def plan_strategy(
         "hbm_bytes_accessed_per_chip": hbm_traffic,
         "collectives": hlo_stats.summary(hlo),
         "ici_bytes_per_chip": received,
+        # Pallas/Mosaic kernels in the program (the megablox grouped matmuls when that backend is chosen).
+        "tpu_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
         **estimate,
         "mfu": tpu_specs.mfu(row["model_flops_per_chip"], estimate["step_s"], spec),
     }
@@ -448,19 +527,7 @@ def report_setup(
         libtpu_version = importlib.metadata.version("libtpu")
     except importlib.metadata.PackageNotFoundError:
         libtpu_version = "unknown"
-    models = {
-        config_name: {
-            "d_model": int(c.model.d_model),
-            "layers": f"{c.model.num_encoder_layers}+{c.model.num_decoder_layers}",
-            "experts": f"{c.model.moe.num_experts} top-{c.model.moe.top_k}",
-            "d_ff": int(c.model.d_ff),
-            "batch": int(c.train.batch_size),
-            "tokens": f"{c.data.max_input_len}+{c.data.max_target_len}",
-            "vocab": int(c.data.vocab_size),
-            "dtype": f"{c.model.dtype} compute, {c.model.param_dtype} params",
-        }
-        for config_name, c in configs
-    }
+    models = {config_name: _model_summary(c) for config_name, c in configs}
     return {
         "topology": name,
         "chips": len(topology.devices),
@@ -470,6 +537,28 @@ def report_setup(
         "libtpu": libtpu_version,
         "overrides": list(overrides),
         "models": models,
+    }
+
+
+def _model_summary(c) -> dict:
+    Li, Lt = token_lengths(c)
+    layers = (
+        f"{c.model.num_decoder_layers}"
+        if c.task == LM_TASK
+        else (f"{c.model.num_encoder_layers}+{c.model.num_decoder_layers}")
+    )
+    return {
+        "task": c.task,
+        "d_model": int(c.model.d_model),
+        "layers": layers + (" scanned" if c.model.get("scan_layers") else ""),
+        "experts": f"{c.model.moe.num_experts} top-{c.model.moe.top_k}",
+        "d_ff": int(c.model.d_ff),
+        "expert_d_ff": int(c.model.moe.get("d_ff") or c.model.d_ff),
+        "batch": int(c.train.batch_size),
+        "tokens": f"{Lt}" if c.task == LM_TASK else f"{Li}+{Lt}",
+        "vocab": int(c.data.vocab_size),
+        "dtype": f"{c.model.dtype} compute, {c.model.param_dtype} params",
+        "remat_policy": c.model.get("remat_policy", "none"),
     }
 
 
@@ -511,7 +600,8 @@ def _model_line(name: str, m: dict, rows: list[dict]) -> str:
     if counted:
         size = f", {counted['params'] / 1e9:.2f} B parameters ({counted['active_params'] / 1e9:.2f} B active)"
     return (
-        f"`{name}`: d_model {m['d_model']}, {m['layers']} layers, {m['experts']}, d_ff {m['d_ff']}, "
+        f"`{name}`: d_model {m['d_model']}, {m['layers']} layers, {m['experts']}, d_ff {m['d_ff']} "
+        f"(experts {m.get('expert_d_ff', m['d_ff'])}), remat {m.get('remat_policy', 'none')}, "
         f"batch {m['batch']} × {m['tokens']} tokens, vocab {m['vocab']}, {m['dtype']}{size}"
     )
 

@@ -178,3 +178,69 @@ def test_every_strategy_plans_on_a_v5p_2x2x1(tmp_path):
     assert rows["fsdp"]["state_bytes_per_chip"] < rows["ep"]["state_bytes_per_chip"]
     assert rows["ep"]["state_bytes_per_chip"] < rows["dp"]["state_bytes_per_chip"]
     assert all(r["fits"] and r["step_s"] > 0 for r in rows.values())
+
+
+def test_lm_model_flops_count_mixtral_and_do_not_depend_on_scanning():
+    """The decoder LM's FLOPs: Mixtral 8x7B's 46.7 B parameters, 12.9 B active, the same scanned or not."""
+    from flax import nnx
+
+    counts = {}
+    for scanned in (False, True):
+        c = compare_sharding.load_config("configs/lm.py:mixtral_8x7b", [f"model.scan_layers={scanned}"])
+        model = nnx.eval_shape(lambda c=c: planner.build_model(c, c.data.vocab_size))
+        counts[scanned] = planner.model_flops(c, nnx.state(model, nnx.Param))
+    assert counts[False] == counts[True]
+    flops = counts[True]
+    assert flops["params"] == pytest.approx(46.70e9, rel=2e-3)
+    assert flops["active_params"] == pytest.approx(12.88e9, rel=2e-3)
+    # 6 · (active weights but the untied embedding lookup) · tokens, plus attention scores (~11%).
+    tokens = 256 * 4096
+    matmul_params = flops["active_params"] - 32_000 * 4096
+    attention = 3 * 4 * 256 * 4096**2 * 32 * 128 * 32
+    assert flops["total"] == pytest.approx(6 * matmul_params * tokens + attention, rel=1e-6)
+
+
+def test_lm_batch_layout_is_the_train_step_batch():
+    c = compare_sharding.load_config("configs/lm.py:smoke")
+    batch = planner.random_batch(c, __import__("numpy").random.default_rng(0))
+    assert (
+        sorted(batch)
+        == sorted(planner.batch_layout(c))
+        == sorted(["inputs", "targets", "segment_ids", "positions", "token_weight"])
+    )
+    assert all(v.shape == (8, 32) for v in batch.values())
+    with pytest.raises(ValueError, match="config.task='image_classification'"):
+        planner.check_task(compare_sharding.load_config("configs/image_classification.py:smoke"))
+
+
+@pytest.mark.slow  # two TPU compiles of the LM step (~30 s on 2 cores)
+def test_scanned_dropless_lm_plans_and_megablox_compiles_for_tpu(tmp_path):
+    """The LM's dropless train step with scanned layers compiles for a TPU pod; on one chip the megablox
+    grouped matmuls are real Mosaic kernels in the program (not Pallas interpreter loops), and over several
+    chips GSPMD cannot split them, which the plan says in its row instead of crashing."""
+    out = tmp_path / "plan"
+    rc = compare_sharding.main(
+        [
+            "--config=configs/lm.py:smoke",
+            "--topology=v5e:2x2",
+            "--strategies=ep",
+            "--set=model.scan_layers=True",
+            "--set=model.moe.layers=(0,1)",
+            f"--out={out}",
+        ]
+    )
+    assert rc == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["fits"] and row["mesh"] == {"expert": 4} and row["tpu_kernels"] == 0
+    assert "| lm:smoke | ep | expert4 |" in (out / "results.md").read_text()
+
+    megablox = ["model.moe.grouped_backend='megablox'", "model.dtype='bfloat16'", "model.scan_layers=True"]
+    c = compare_sharding.load_config("configs/lm.py:smoke", megablox + ["model.moe.layers=(0,1)"])
+    topology, spec = planner.load_topology("v5e:2x2")
+    # conftest asks for "highest" matmul precision, which Mosaic refuses for bf16 operands ("Bad lhs type").
+    with jax.default_matmul_precision("default"):
+        one = planner.plan_strategy(c, "dp", {"data": 1}, topology, spec, devices=topology.devices[:1])
+    assert one["fits"] and one["chips"] == 1
+    assert one["tpu_kernels"] >= 4  # gate-up and down grouped matmuls, forward and backward
+    with pytest.raises(ValueError, match="megablox kernels .* cannot be partitioned by GSPMD"):
+        planner.plan_strategy(c, "ep", {"expert": 4}, topology, spec)

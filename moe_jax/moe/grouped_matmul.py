@@ -303,6 +303,17 @@ def _megablox_tiling(M: int, K: int, N: int) -> tuple[int, int, int]:
     return tm, min(_MEGABLOX_TILE, K), min(_MEGABLOX_TILE, N)
 
 
+def _on_tpu_or_interpreted(kernel, *args):
+    """``kernel(interpret)(*args)``: the compiled Mosaic kernel where the program is lowered for TPU, Pallas
+    interpret mode elsewhere.
+
+    The choice is made at lowering time for the platform compiled for, not from the host's default
+    backend: a CPU host compiling ahead of time for a TPU topology (``moe_jax/planner.py``) gets the real
+    kernel, which ``interpret=jax.default_backend() != "tpu"`` would have replaced by interpreter loops.
+    """
+    return jax.lax.platform_dependent(*args, tpu=kernel(False), default=kernel(True))
+
+
 def _megablox_mm(lhs_MK, rhs, group_sizes_G, transpose_rhs):
     M = lhs_MK.shape[0]
     if M == 0:
@@ -310,15 +321,18 @@ def _megablox_mm(lhs_MK, rhs, group_sizes_G, transpose_rhs):
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tiling = _megablox_tiling(M, lhs_MK.shape[1], N)
     # gmm needs M to be a multiple of the row tile; padding rows fall outside every group.
-    out = _megablox().gmm(
-        _pad_to(lhs_MK, 0, tiling[0]),
-        rhs,
-        group_sizes_G,
-        preferred_element_type=lhs_MK.dtype,
-        tiling=tiling,
-        transpose_rhs=transpose_rhs,
-        interpret=jax.default_backend() != "tpu",
-    )[:M]
+    kernel = lambda interpret: (
+        lambda lhs, rhs, sizes: _megablox().gmm(
+            lhs,
+            rhs,
+            sizes,
+            preferred_element_type=lhs_MK.dtype,
+            tiling=tiling,
+            transpose_rhs=transpose_rhs,
+            interpret=interpret,
+        )
+    )
+    out = _on_tpu_or_interpreted(kernel, _pad_to(lhs_MK, 0, tiling[0]), rhs, group_sizes_G)[:M]
     # Rows past sum(group_sizes) are never written by the kernel (uninitialised memory).
     return jnp.where(_row_mask(M, group_sizes_G)[:, None], out, 0)
 
@@ -329,14 +343,17 @@ def _megablox_tmm(lhs_MK, dout_MN, group_sizes_G, num_groups):
     if M == 0:
         return jnp.zeros((num_groups, K, N), jnp.float32)
     tm, tk, tn = _megablox_tiling(M, K, N)
-    return _megablox().tgmm(
-        _pad_to(lhs_MK, 0, tm).T,
-        _pad_to(dout_MN, 0, tm),
-        group_sizes_G,
-        preferred_element_type=jnp.float32,
-        tiling=(tm, tk, tn),
-        interpret=jax.default_backend() != "tpu",
+    kernel = lambda interpret: (
+        lambda lhs_KM, dout, sizes: _megablox().tgmm(
+            lhs_KM,
+            dout,
+            sizes,
+            preferred_element_type=jnp.float32,
+            tiling=(tm, tk, tn),
+            interpret=interpret,
+        )
     )
+    return _on_tpu_or_interpreted(kernel, _pad_to(lhs_MK, 0, tm).T, _pad_to(dout_MN, 0, tm), group_sizes_G)
 
 
 # --------------------------------------------------------------------------------------------------------
