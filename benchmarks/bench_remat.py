@@ -1,14 +1,16 @@
-"""Rematerialisation: compiled memory and compile time of a 32-block MoE LM gradient, per ``remat_policy``.
+"""Scanned layers and rematerialisation: compile time and compiled memory of a 32-block MoE LM gradient.
 
 One model shape (``configs/lm.py`` default widths, 32 blocks, MoE on blocks 1..31, dropless), one batch;
-for every policy of ``moe_jax.models.blocks.REMAT_POLICIES`` it lowers and compiles ``jax.grad`` of the
-next-token loss and reads XLA's memory analysis (temporary buffers: the activations kept for the backward
-pass live there) and the number of matmuls in the compiled program (recomputation adds them). Ratios are
-against ``none`` compiled in the same process.
+for the unrolled and the scanned stack (``model.scan_layers``) and every policy of
+``moe_jax.models.blocks.REMAT_POLICIES`` it lowers and compiles ``jax.grad`` of the next-token loss and
+reads the compile wall time, XLA's memory analysis (temporary buffers: the activations kept for the
+backward pass live there), and the program's size (HLO text lines and matmul instructions; a scan's body
+counts once, however many layers it runs). Ratios are against the unrolled stack without remat, compiled
+in the same process.
 
     python benchmarks/bench_remat.py [--layers 32] [--batch 16] [--seq 256] [--out FILE]
 
-Writes the raw numbers as JSON (default ``benchmarks/results/remat_cpu.json``).
+Writes the raw numbers as JSON (default ``benchmarks/results/scan_remat_cpu.json``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from moe_jax.models import DecoderLM, ModelConfig  # noqa: E402
 from moe_jax.models.blocks import REMAT_POLICIES  # noqa: E402
 
 
-def measure(policy: str, layers: int, batch: int, seq: int, dense: bool = False) -> dict:
+def measure(policy: str, layers: int, batch: int, seq: int, dense: bool = False, scan: bool = False) -> dict:
     cfg = ModelConfig.from_mapping(
         dict(
             vocab_size=2048,
@@ -43,6 +45,7 @@ def measure(policy: str, layers: int, batch: int, seq: int, dense: bool = False)
             num_encoder_layers=0,
             num_decoder_layers=layers,
             remat_policy=policy,
+            scan_layers=scan,
             moe=dict(
                 num_experts=8,
                 top_k=2,
@@ -66,13 +69,16 @@ def measure(policy: str, layers: int, batch: int, seq: int, dense: bool = False)
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
+    text = compiled.as_text()
     return {
+        "scan_layers": scan,
         "policy": policy,
         "compile_seconds": seconds,
         "temp_bytes": int(mem.temp_size_in_bytes),
         "argument_bytes": int(mem.argument_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes),
-        "dots": compiled.as_text().count(" dot("),
+        "dots": text.count(" dot("),
+        "hlo_lines": text.count("\n"),
     }
 
 
@@ -82,22 +88,31 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--dense", action="store_true", help="every block dense (no MoE layers)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "remat_cpu.json"))
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "scan_remat_cpu.json"))
     args = p.parse_args(argv)
-    rows = [measure(policy, args.layers, args.batch, args.seq, args.dense) for policy in REMAT_POLICIES]
+    rows = [
+        measure(policy, args.layers, args.batch, args.seq, args.dense, scan)
+        for scan in (False, True)
+        for policy in REMAT_POLICIES
+    ]
     base = rows[0]
     print(
         f"{'dense' if args.dense else 'MoE'}, {args.layers} blocks, batch {args.batch} x {args.seq}, "
         f"{jax.devices()[0].platform}"
     )
-    print("| policy | temp memory (MiB) | vs none | matmuls | vs none | compile s |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| layers | policy | compile s | vs unrolled none | temp memory (MiB) | vs unrolled none | "
+        "matmuls in program | HLO lines |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        r["compile_ratio"] = r["compile_seconds"] / base["compile_seconds"]
         r["temp_ratio"] = r["temp_bytes"] / base["temp_bytes"]
         r["dots_ratio"] = r["dots"] / base["dots"]
         print(
-            f"| {r['policy']} | {r['temp_bytes'] / 2**20:.1f} | {r['temp_ratio']:.2f} | {r['dots']} | "
-            f"{r['dots_ratio']:.2f} | {r['compile_seconds']:.1f} |"
+            f"| {'scanned' if r['scan_layers'] else 'unrolled'} | {r['policy']} | "
+            f"{r['compile_seconds']:.1f} | {r['compile_ratio']:.2f} | {r['temp_bytes'] / 2**20:.1f} | "
+            f"{r['temp_ratio']:.2f} | {r['dots']} | {r['hlo_lines']} |"
         )
     out = {
         "args": vars(args),

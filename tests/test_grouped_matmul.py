@@ -231,3 +231,9 @@ def test_mosaic_gpu_wrapper_pads_and_masks(fake_mosaic_kernels):
         assert np.all(np.isfinite(got))
         assert np.max(np.abs(got - want)) <= 1e-2 * np.max(np.abs(want))
     assert not np.any(np.asarray(y[160:], np.float32))
+
+
+def test_megablox_interpret_mode_over_several_tiles_with_ragged_k_and_n():
+    """M spans three 128-row tiles with groups crossing tile edges, K = 200 and N = 260 are not multiples
+    of the 128 tile (the kernels mask the ragged last tile), an empty group and a tail past the groups."""
+    check_f32(*make_inputs(300, 200, 260, [100, 0, 130, 55]), "megablox")
