@@ -484,21 +484,38 @@ def plan_strategy(
     hlo = compiled.as_text()
     flops, hbm_traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     received = ici_bytes(hlo, chips)
-    estimate = tpu_specs.roofline(flops, hbm_traffic, received, spec)
-    return {
-        **row,
-        "fits": peak <= spec.hbm_bytes,
-        "peak_bytes_per_chip": int(peak),
-        "temp_bytes_per_chip": int(compiled.memory_analysis().temp_size_in_bytes),
-        "flops_per_chip": flops,
-        "hbm_bytes_accessed_per_chip": hbm_traffic,
-        "collectives": hlo_stats.summary(hlo),
-        "ici_bytes_per_chip": received,
-        # Pallas/Mosaic kernels in the program (the megablox grouped matmuls when that backend is chosen).
-        "tpu_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
-        **estimate,
-        "mfu": tpu_specs.mfu(row["model_flops_per_chip"], estimate["step_s"], spec),
-    }
+    return scanned_floor(
+        {
+            **row,
+            "fits": peak <= spec.hbm_bytes,
+            "peak_bytes_per_chip": int(peak),
+            "temp_bytes_per_chip": int(compiled.memory_analysis().temp_size_in_bytes),
+            "flops_per_chip": flops,
+            "hbm_bytes_accessed_per_chip": hbm_traffic,
+            "collectives": hlo_stats.summary(hlo),
+            "ici_bytes_per_chip": received,
+            # Pallas/Mosaic kernels in the program (the megablox grouped matmuls when that backend is chosen).
+            "tpu_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
+            "loop_body_counted_once": bool(config.model.get("scan_layers")),
+        },
+        spec,
+    )
+
+
+def scanned_floor(row: dict, spec: tpu_specs.TpuSpec) -> dict:
+    """Adds the roofline estimate and MFU to a compiled row.
+
+    XLA's cost analysis and the HLO text hold a while loop's body once, whatever its trip count, so for
+    scanned layers (``loop_body_counted_once``) the FLOPs, HBM bytes, collectives and ICI bytes of the
+    compiled program cover one repeating unit, not all of them. Their compute term then uses the analytic
+    model FLOPs where those are larger (a floor, not the compiled count), and the HBM and ICI terms stay
+    lower bounds (the report marks them ``≥``).
+    """
+    flops = row["flops_per_chip"]
+    if row.get("loop_body_counted_once"):
+        flops = max(flops, row["model_flops_per_chip"])
+    estimate = tpu_specs.roofline(flops, row["hbm_bytes_accessed_per_chip"], row["ici_bytes_per_chip"], spec)
+    return {**row, **estimate, "mfu": tpu_specs.mfu(row["model_flops_per_chip"], estimate["step_s"], spec)}
 
 
 # --- Report -----------------------------------------------------------------------------------------------
@@ -579,17 +596,18 @@ def _table_row(r: dict) -> str:
         for k, v in r["collectives"].items()
     )
     ms = lambda s: f"{s * 1e3:.1f}"
+    at_least = "≥ " if r.get("loop_body_counted_once") else ""
     cells += [
         _gib(r["peak_bytes_per_chip"]),
         "✓" if r["fits"] else "✗",
         _gib(r["state_bytes_per_chip"]),
         f"{r['flops_per_chip'] / 1e12:.2f} ({r['model_flops_per_chip'] / 1e12:.2f})",
-        f"{r['hbm_bytes_accessed_per_chip'] / 1e9:.1f}",
-        collectives or "—",
-        f"{r['ici_bytes_per_chip'] / 2**20:.1f}",
-        f"{ms(r['step_s'])} ({ms(r['compute_s'])} / {ms(r['memory_s'])} / {ms(r['ici_s'])})",
+        f"{at_least}{r['hbm_bytes_accessed_per_chip'] / 1e9:.1f}",
+        (at_least + collectives) if collectives else "—",
+        f"{at_least}{r['ici_bytes_per_chip'] / 2**20:.1f}",
+        f"{at_least}{ms(r['step_s'])} ({ms(r['compute_s'])} / {ms(r['memory_s'])} / {ms(r['ici_s'])})",
         r["bound"],
-        f"{100 * r['mfu']:.1f}%",
+        f"{'≤ ' if at_least else ''}{100 * r['mfu']:.1f}%",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -615,7 +633,8 @@ _HOW_TO_READ = (
     "`moe_jax/planner.py`). Estimated step = max(FLOPs / peak, HBM bytes / HBM bandwidth) + ICI bytes / "
     "(ICI bandwidth / 2): no overlap of collectives with compute, peak rates everywhere "
     "(`moe_jax/tpu_specs.py`); MFU = model FLOPs / (step × peak). Use it to rank strategies and find the "
-    "bottleneck, not as a prediction."
+    "bottleneck, not as a prediction. With scanned layers XLA counts the loop body once: ≥ marks columns "
+    "that cover one repeating unit (the compute term uses the model FLOPs where they are larger)."
 )
 
 

@@ -244,3 +244,14 @@ def test_scanned_dropless_lm_plans_and_megablox_compiles_for_tpu(tmp_path):
     assert one["tpu_kernels"] >= 4  # gate-up and down grouped matmuls, forward and backward
     with pytest.raises(ValueError, match="megablox kernels .* cannot be partitioned by GSPMD"):
         planner.plan_strategy(c, "ep", {"expert": 4}, topology, spec)
+
+
+def test_scanned_rows_floor_compute_at_the_model_flops():
+    """XLA counts a while body once: a scanned plan's compute term uses the model FLOPs when larger."""
+    chip = tpu_specs.TpuSpec("toy", ("toy",), 100e12, 16e9, 1e12, 200e9, source="hand")
+    row = {"flops_per_chip": 1e12, "model_flops_per_chip": 4e12, "hbm_bytes_accessed_per_chip": 1e9}
+    row["ici_bytes_per_chip"] = 0.0
+    unrolled = planner.scanned_floor({**row, "loop_body_counted_once": False}, chip)
+    scanned = planner.scanned_floor({**row, "loop_body_counted_once": True}, chip)
+    assert unrolled["compute_s"] == pytest.approx(10e-3) and scanned["compute_s"] == pytest.approx(40e-3)
+    assert scanned["mfu"] == pytest.approx(1.0)  # model FLOPs over a compute-bound step at peak
