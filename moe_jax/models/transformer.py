@@ -402,7 +402,8 @@ class DecoderLM(nnx.Module):
     The cache is a plain pytree (no NNX state), so these methods run under ``jax.jit`` over
     ``nnx.split`` state with static shapes: a tuple with one ``{"k": [B, M, N, Dh], "v": [B, M, N, Dh]}``
     per block (M = ``max_len``, N key/value heads, Dh head width, compute dtype), keys stored after the k
-    norm and RoPE.
+    norm and RoPE. With ``scan_layers`` the scanned blocks share one entry per unit position, stacked
+    [U, B, M, N, Dh] (``models/scan.py``).
 
     With dropless MoE routing (``moe.eval_capacity_factor`` resolving to None) prefill followed by decode
     steps gives the logits of the full forward over the same prefix, because a token's dropless routing does
