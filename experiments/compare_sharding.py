@@ -58,7 +58,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_jax import hlo_stats, planner, sharding  # noqa: E402
+from moe_jax import hlo_stats, plan_report, planner, sharding  # noqa: E402
 from moe_jax.train import optim, step  # noqa: E402
 
 # A mesh per strategy for 8 devices (-1 takes the rest): each strategy on the layout it is meant for.
@@ -327,8 +327,8 @@ def plan_main(args, configs, strategies, meshes) -> int:
             row = {"strategy": s, "mesh": {k: v for k, v in mesh.items() if v != 1}, "error": str(e)}
         row.update(config=spec_name, compile_s=round(time.perf_counter() - start, 1))
         rows.append(row)
-    setup = planner.report_setup(args.topology, topology, spec, configs, list(args.overrides))
-    planner.write_report(rows, args.out, setup)
+    setup = plan_report.report_setup(args.topology, topology, spec, configs, list(args.overrides))
+    plan_report.write_report(rows, args.out, setup)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"wrote {args.out}/results.md, results.json, results.png")

@@ -19,6 +19,7 @@ position with a leading [U] axis (:meth:`ScannedBlocks.init_caches`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -150,8 +151,6 @@ def _stacks(model) -> list[tuple[str, int, tuple[int, ...]]]:
 
 def _convert(source, target_cls, scan: bool):
     """``source``'s weights in a new model of the other form (built abstractly, then filled)."""
-    import dataclasses
-
     cfg = dataclasses.replace(source.cfg, scan_layers=scan)
     kwargs = {"bos_id": source.bos_id} if hasattr(source, "bos_id") else {}
     graphdef, target_state = nnx.split(nnx.eval_shape(lambda: target_cls(cfg, **kwargs, rngs=nnx.Rngs(0))))
