@@ -59,7 +59,7 @@ def get_config(variant: str = "default"):
     # 16 images (16 patches each): capacity is shared across images, as in V-MoE, so batch-prioritized routing
     # ranks patches of different images against each other. selection_bias: aux-loss-free balancing
     # (DeepSeek-V3); grouped_backend: core (CPU/GPU), megablox (TPU), mosaic_gpu (H200); expert_parallel:
-    # gspmd or shard_map (explicit all_to_all over the expert mesh axis).
+    # gspmd or shard_map (explicit collectives over the expert axis; ep_transport: capacity, ring, ragged).
     c.model.moe = config_lib.moe_section(
         num_experts=8,
         top_k=2,

@@ -132,7 +132,8 @@ def seq2seq_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     # layers=None: blocks 1, 3, ... of each stack. selection_bias: aux-loss-free balancing (DeepSeek-V3).
     # grouped_backend (dropless matmuls): core (CPU/GPU), megablox (TPU), mosaic_gpu (H200). expert_parallel:
-    # gspmd, or shard_map (explicit all_to_all over the expert mesh axis).
+    # gspmd, or shard_map (explicit collectives over the expert mesh axis) with ep_transport capacity
+    # (all-to-all of capacity buffers), ring (all-gather tokens, reduce-scatter outputs) or ragged.
     c.model.moe = moe_section(num_experts=8, top_k=2, capacity_factor=1.25)
     return c
 

@@ -1,9 +1,9 @@
 """Collectives of a compiled program, counted and sized from its HLO text.
 
-``collectives(compiled.as_text())`` lists every all-to-all / all-gather / all-reduce / reduce-scatter /
-collective-permute with the bytes of its result on one device. Used by the expert-parallelism guards (the
-``ep`` step must exchange tokens with all-to-all, never all-gather expert weights) and by the sharding
-comparison tools.
+``collectives(compiled.as_text())`` lists every (ragged) all-to-all / all-gather / all-reduce /
+reduce-scatter / collective-permute with the bytes of its result on one device. Used by the
+expert-parallelism guards (the ``ep`` step must exchange tokens with all-to-all, never all-gather
+expert weights) and by the sharding comparison tools.
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ import collections
 import dataclasses
 import re
 
-KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+KINDS = (
+    "ragged-all-to-all",
+    "all-to-all",
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "collective-permute",
+)
 
 _DTYPE_BYTES = {
     "pred": 1,

@@ -14,7 +14,10 @@ The TPU compiler ships in ``libtpu`` (``pip install "jax[tpu]==<installed jax ve
 ICI bytes: a collective's HLO result size is not what crosses the links. :func:`ici_bytes` converts each
 collective to the bytes one chip *receives* with a bandwidth-optimal algorithm over a group of ``n`` chips:
 all-gather ``(n-1)/n·R``, all-to-all ``(n-1)/n·R``, all-reduce ``2(n-1)/n·R`` (reduce-scatter then
-all-gather), reduce-scatter ``(n-1)·R`` (its result is one shard), collective-permute ``R``. Which links a
+all-gather), reduce-scatter ``(n-1)·R`` (its result is one shard), collective-permute ``R``,
+ragged-all-to-all ``(n-1)/n·min(R, operand)``: what moves depends on the routing, so this is the balanced
+case. Forward the result is a receive buffer n times what a chip sends (the dropless worst case) and a
+balanced routing fills 1/n of it; on the way back the result is the sender's rows. Which links a
 group spans (one torus axis or several) is ignored: the roofline divides by the chip's whole receive
 bandwidth, which a collective over one mesh axis does not get, so treat the ICI term as a lower bound.
 """
@@ -205,13 +208,39 @@ def collective_ici_bytes(line: str, num_devices: int) -> int:
         "all-reduce": 2 * (n - 1) / n,
         "reduce-scatter": n - 1,
         "collective-permute": 1.0,
+        "ragged-all-to-all": (n - 1) / n,
     }[kind]
     return int(result * factor)
 
 
 def ici_bytes(hlo_text: str, num_devices: int) -> int:
     """Bytes one chip receives over ICI per execution of the program."""
-    return sum(collective_ici_bytes(c.line, num_devices) for c in hlo_stats.collectives(hlo_text))
+    total = 0
+    value_bytes = None
+    for c in hlo_stats.collectives(hlo_text):
+        received = collective_ici_bytes(c.line, num_devices)
+        if c.kind == "ragged-all-to-all":
+            # The line names its operand without a shape: look the operand's definition up.
+            value_bytes = _value_bytes(hlo_text) if value_bytes is None else value_bytes
+            operand = _FIRST_OPERAND.search(c.line)
+            if operand and operand.group(1) in value_bytes and c.result_bytes:
+                received = received * min(value_bytes[operand.group(1)], c.result_bytes) // c.result_bytes
+        total += received
+    return total
+
+
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(\w+\[[\d,]*\])")
+_FIRST_OPERAND = re.compile(r"ragged-all-to-all\((%[\w.\-]+)")
+
+
+def _value_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes of every array value the HLO text defines, by name."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _DEFINITION.match(line)
+        if m:
+            out[m.group(1)] = hlo_stats._shape_bytes(m.group(2))
+    return out
 
 
 LM_TASK = "language_modeling"
@@ -448,7 +477,8 @@ def plan_strategy(
             # The megablox grouped matmuls are Pallas/Mosaic kernels: GSPMD cannot split them over chips.
             raise ValueError(
                 f"{strategy}: the megablox kernels (model.moe.grouped_backend) cannot be partitioned by "
-                "GSPMD over several chips; plan with grouped_backend='core' or one chip"
+                "GSPMD over several chips; run them inside shard_map (model.moe.expert_parallel='shard_map', "
+                "model.moe.ep_transport='ragged' or 'ring'), or plan with grouped_backend='core'"
             ) from None
     flops_model = model_flops(config, nnx.state(model, nnx.Param))
     chips = len(devices)

@@ -28,6 +28,7 @@ from moe_jax.errors import ConfigError
 from moe_jax.moe import dispatch as dispatch_lib
 from moe_jax.moe import experts as experts_lib
 from moe_jax.moe import routing as routing_lib
+from moe_jax.moe.expert_parallel import TRANSPORTS
 from moe_jax.moe.layer import DISPATCH_CHOICES, EXPERT_PARALLEL_CHOICES, MoeLayer
 
 NORMS = ("rmsnorm", "layernorm")
@@ -193,7 +194,11 @@ class MoeConfig(Section):
         capacity_multiple: round capacity up to a multiple of this.
         dispatch: ``auto``, ``einsum``, ``indices`` or ``grouped``.
         grouped_backend: the dropless matmuls: ``auto``, ``core`` or a ``grouped_matmul`` backend.
-        expert_parallel: ``gspmd`` or ``shard_map`` (explicit all-to-all over the ``expert`` mesh axis).
+        expert_parallel: ``gspmd`` or ``shard_map`` (explicit collectives over the ``expert`` mesh axis).
+        ep_transport: the ``shard_map`` token transport: ``capacity`` (all-to-all of capacity buffers),
+            ``ring`` (all-gather tokens over ``expert``, reduce-scatter outputs) or ``ragged``
+            (``ragged_all_to_all`` of exactly the routed rows; emulated on CPU). See
+            ``moe/expert_parallel.py``.
         group_size: tokens per routing group (capacity is per group); ``None`` is one group per sequence
             (per image in the ViT).
         num_shared_experts: always-active dense experts added to the routed output.
@@ -221,6 +226,7 @@ class MoeConfig(Section):
     dispatch: str = "auto"
     grouped_backend: str = "auto"
     expert_parallel: str = "gspmd"
+    ep_transport: str = "capacity"
     group_size: int | None = None
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
@@ -271,6 +277,12 @@ class MoeConfig(Section):
         check_choice("dispatch", self.dispatch, DISPATCH_CHOICES)
         check_choice("grouped_backend", self.grouped_backend, dispatch_lib.GROUPED_BACKENDS)
         check_choice("expert_parallel", self.expert_parallel, EXPERT_PARALLEL_CHOICES)
+        check_choice("ep_transport", self.ep_transport, TRANSPORTS)
+        if self.ep_transport != "capacity" and self.expert_parallel != "shard_map":
+            raise ConfigError(
+                f"ep_transport={self.ep_transport!r} needs expert_parallel='shard_map' (got "
+                f"{self.expert_parallel!r}); set model.moe.expert_parallel='shard_map'"
+            )
         check_optional_int("group_size", self.group_size)
         check_int("num_shared_experts", self.num_shared_experts, 0)
         check_optional_int("shared_d_ff", self.shared_d_ff)
@@ -373,6 +385,7 @@ class MoeConfig(Section):
             allow_noncausal_routing=self.allow_noncausal_routing,
             grouped_backend=self.grouped_backend,
             expert_parallel=self.expert_parallel,
+            ep_transport=self.ep_transport,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,

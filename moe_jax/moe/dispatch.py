@@ -109,7 +109,7 @@ def dispatch_indices(
         jnp.swapaxes(y_EGCD, 0, 1), routing.expert_GN, jnp.minimum(slot_GN, C - 1)
     )
     y_GND = y_GND.astype(jnp.float32) * routing.weight_GN[..., None]
-    return _combine_assignments(y_GND, routing, S)
+    return combine_assignments(y_GND, routing, S)
 
 
 def dispatch_grouped(
@@ -131,30 +131,56 @@ def dispatch_grouped(
         layout: ``"sorted"`` (contiguous rows per expert) or ``"core"`` (``core_layout``).
     """
     G, S, D = x_GSD.shape
-    E = num_experts
     # Dropped assignments get the sentinel expert E: they sort last and fall outside every group.
-    expert_M = jnp.where(routing.kept_GN, routing.expert_GN, E).reshape(-1)
+    expert_M = jnp.where(routing.kept_GN, routing.expert_GN, num_experts).reshape(-1)
     row_M = (routing.token_GN + S * jnp.arange(G, dtype=jnp.int32)[:, None]).reshape(-1)
-    x_TD = x_GSD.reshape(G * S, D)
+    y_ND = grouped_rows(x_GSD.reshape(G * S, D), row_M, expert_M, num_experts, experts_grouped, layout=layout)
+    y_ND = y_ND * routing.weight_GN.reshape(-1, 1)  # weighted in float32
+    return combine_assignments(y_ND.reshape(G, -1, y_ND.shape[-1]), routing, S)
+
+
+def grouped_rows(
+    x_TD: jax.Array,
+    row_M: jax.Array,
+    expert_M: jax.Array,
+    num_experts: int,
+    experts_grouped: Callable[[jax.Array, object], jax.Array],
+    *,
+    layout: str = "sorted",
+) -> jax.Array:
+    """Expert outputs of rows ``x_TD[row_M]``, each through expert ``expert_M``, in assignment order.
+
+    The grouped core of :func:`dispatch_grouped`, shared with the expert-parallel transports (which run it
+    on the rows they received).
+
+    Args:
+        x_TD: source rows.
+        row_M: ``[M]`` source row of each assignment (rows may repeat).
+        expert_M: ``[M]`` expert of each assignment; ids outside ``[0, num_experts)`` give zero rows.
+        num_experts: E.
+        experts_grouped: as in :func:`dispatch_grouped`.
+        layout: ``"sorted"`` or ``"core"``.
+
+    Returns:
+        ``y_MD`` float32, unweighted.
+    """
+    E = num_experts
     if layout == "core":
         plan, slot_M, valid_M = core_layout.plan(expert_M, E)
         R = E * core_layout.core_capacity(expert_M.shape[0], E)
         # Layout rows no assignment uses read token 0: finite values whose cotangent is exactly zero.
         token_R = jnp.zeros((R,), jnp.int32).at[jnp.where(valid_M, slot_M, R)].set(row_M, mode="drop")
         y_RD = experts_grouped(permute.gather_rows(x_TD, token_R), plan)
-        y_ND = jnp.where(valid_M[:, None], permute.gather_rows(y_RD, slot_M).astype(jnp.float32), 0)
-    else:
-        order_M, group_sizes_E = permute.sort_by_expert(expert_M, E)  # the one stable argsort
-        inverse_M = permute.inverse_permutation(order_M)  # a scatter, not a second sort
-        x_MD = permute.gather_rows(x_TD, row_M[order_M])  # backward: f32 scatter-add
-        y_MD = experts_grouped(x_MD, group_sizes_E)
-        # Back to assignment order by a gather (its backward gathers by order_M).
-        y_ND = permute.permute_rows(y_MD, inverse_M, order_M).astype(jnp.float32)
-    y_ND = y_ND * routing.weight_GN.reshape(-1, 1)  # weighted in float32
-    return _combine_assignments(y_ND.reshape(G, -1, y_ND.shape[-1]), routing, S)
+        return jnp.where(valid_M[:, None], permute.gather_rows(y_RD, slot_M).astype(jnp.float32), 0)
+    order_M, group_sizes_E = permute.sort_by_expert(expert_M, E)  # the one stable argsort
+    inverse_M = permute.inverse_permutation(order_M)  # a scatter, not a second sort
+    x_MD = permute.gather_rows(x_TD, row_M[order_M])  # backward: f32 scatter-add
+    y_MD = experts_grouped(x_MD, group_sizes_E)
+    # Back to assignment order by a gather (its backward gathers by order_M).
+    return permute.permute_rows(y_MD, inverse_M, order_M).astype(jnp.float32)
 
 
-def _combine_assignments(y_GND: jax.Array, routing: Routing, tokens_per_group: int) -> jax.Array:
+def combine_assignments(y_GND: jax.Array, routing: Routing, tokens_per_group: int) -> jax.Array:
     """Sums weighted assignment outputs into their tokens."""
     G, N, D = y_GND.shape
     if routing.kind == TOKEN_CHOICE:

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 from jax import lax
 
 BACKENDS = ("auto", "ladder", "xla", "megablox", "mosaic_gpu")
+# Backends that are Pallas kernels: their output shapes carry no manual-axis type (see expert_parallel.py).
+PALLAS_BACKENDS = ("megablox", "mosaic_gpu")
 
 # Platforms each backend is meant to run on (benchmarks skip the rest). megablox also runs off TPU in Pallas
 # interpret mode, which is for tests only.
@@ -174,6 +176,19 @@ def _ladder_sizes(num_rows: int) -> tuple[int, tuple[int, ...]]:
     return min_rows, tuple(reversed(sizes))
 
 
+def zeros_varying_like(shape, dtype, *inputs) -> jax.Array:
+    """Zeros typed to vary over the manual mesh axes any of ``inputs`` varies over.
+
+    Inside ``shard_map`` a loop carry or ``cond`` branch that starts from plain zeros is typed as equal on
+    every device and would clash with the per-device products written into it; outside, a no-op.
+    """
+    axes = set()
+    for x in inputs:
+        axes |= set(jax.typeof(x).manual_axis_type.varying)
+    zeros = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
 def over_chunks(num_rows, size_g, offset, full_chunk, rest_chunk, carry):
     """Covers rows ``[offset, offset + size_g)`` with static-shape chunks, largest first.
 
@@ -230,7 +245,7 @@ def _ladder_mm(lhs_MK, rhs, group_sizes_G, transpose_rhs):
 
         return over_chunks(M, group_sizes_G[g], starts_G[g], full_chunk, rest_chunk, out_MN)
 
-    return lax.fori_loop(0, rhs.shape[0], group_body, jnp.zeros((M, N), lhs_MK.dtype))
+    return lax.fori_loop(0, rhs.shape[0], group_body, zeros_varying_like((M, N), lhs_MK.dtype, lhs_MK, rhs))
 
 
 def _ladder_tmm(lhs_MK, dout_MN, group_sizes_G, num_groups):
@@ -256,11 +271,13 @@ def _ladder_tmm(lhs_MK, dout_MN, group_sizes_G, num_groups):
             starts_G[g],
             lambda acc, start, size: acc + product(start, size),
             lambda acc, start, keep: acc + product(start, min_rows, keep),
-            jnp.zeros((K, N), jnp.float32),
+            zeros_varying_like((K, N), jnp.float32, lhs_MK, dout_MN),
         )
         return lax.dynamic_update_index_in_dim(drhs_GKN, acc_KN, g, 0)
 
-    return lax.fori_loop(0, num_groups, group_body, jnp.zeros((num_groups, K, N), jnp.float32))
+    return lax.fori_loop(
+        0, num_groups, group_body, zeros_varying_like((num_groups, K, N), jnp.float32, lhs_MK, dout_MN)
+    )
 
 
 # --------------------------------------------------------------------------------------------------------

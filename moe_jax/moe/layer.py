@@ -13,7 +13,7 @@ from flax import nnx
 
 from moe_jax import sharding
 from moe_jax.moe import dispatch as dispatch_lib
-from moe_jax.moe import expert_parallel
+from moe_jax.moe import expert_parallel as expert_parallel_lib
 from moe_jax.moe import experts as experts_lib
 from moe_jax.moe import routing as routing_lib
 
@@ -90,6 +90,10 @@ class MoeLayer(nnx.Module):
         expert_parallel: ``gspmd`` (sharding constraints on the dispatched buffers; the compiler inserts
             the all-to-all) or ``shard_map`` (explicit ``all_to_all`` of capacity buffers over the
             ``expert`` mesh axis, see ``expert_parallel.py``; needs a mesh, ignores ``dispatch``).
+        ep_transport: with ``expert_parallel="shard_map"``: ``capacity`` (all-to-all of capacity buffers;
+            dropless routing pads them to C = S), ``ring`` (all-gather the tokens over ``expert``, local
+            grouped experts, reduce-scatter) or ``ragged`` (``ragged_all_to_all`` of exactly the routed
+            rows). ``ring`` and ``ragged`` run the local experts with ``grouped_backend``.
         dtype: compute dtype of the expert matmuls and of the output.
         param_dtype: parameter dtype.
         rngs: ``nnx.Rngs`` for initialisation (and the ``jitter`` stream, if jitter is on).
@@ -126,6 +130,7 @@ class MoeLayer(nnx.Module):
         allow_noncausal_routing: bool = False,
         grouped_backend: str = "auto",
         expert_parallel: str = "gspmd",
+        ep_transport: str = "capacity",
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -165,6 +170,7 @@ class MoeLayer(nnx.Module):
             raise ValueError(
                 f"expert_parallel={expert_parallel!r} is unknown; choose one of {EXPERT_PARALLEL_CHOICES}"
             )
+        check_ep_transport(ep_transport, expert_parallel)
         if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts={num_shared_experts!r} must be an integer >= 0")
         if shared_expert_gate and not num_shared_experts:
@@ -206,6 +212,7 @@ class MoeLayer(nnx.Module):
         self.jitter_noise = jitter_noise
         self.grouped_backend = grouped_backend
         self.expert_parallel = expert_parallel
+        self.ep_transport = ep_transport
         self.dtype, self.param_dtype = dtype, param_dtype
         # Training mode by default; ``module.eval()`` sets it (eval capacity factor, no jitter).
         self.deterministic = False
@@ -350,7 +357,7 @@ class MoeLayer(nnx.Module):
 
         if self.expert_parallel == "shard_map":
             mask_GS = jnp.ones((G, S), bool) if mask_GS is None else mask_GS
-            y_GSD, stats = expert_parallel.expert_parallel_moe(
+            y_GSD, stats = expert_parallel_lib.expert_parallel_moe(
                 x_GSD,
                 logits_GSE,
                 mask_GS,
@@ -359,6 +366,10 @@ class MoeLayer(nnx.Module):
                 num_experts=self.num_experts,
                 capacity=buffer_capacity,
                 activation=self.activation,
+                transport=self.ep_transport,
+                grouped_backend=dispatch_lib.resolve_grouped_backend(
+                    self.grouped_backend, jnp.dtype(self.dtype)
+                ),
             )
             aux = routing_lib.aux_from_stats(stats)
         else:
@@ -434,6 +445,20 @@ class MoeLayer(nnx.Module):
             selection_bias_E=bias_E,
             mask_GS=mask_GS,
             routed_scaling_factor=self.routed_scaling_factor,
+        )
+
+
+def check_ep_transport(ep_transport: str, expert_parallel: str) -> None:
+    """Raises ValueError for an unknown transport, or one that needs ``expert_parallel='shard_map'``."""
+    if ep_transport not in expert_parallel_lib.TRANSPORTS:
+        raise ValueError(
+            f"ep_transport={ep_transport!r} is unknown; choose one of {expert_parallel_lib.TRANSPORTS}"
+        )
+    if ep_transport != "capacity" and expert_parallel != "shard_map":
+        raise ValueError(
+            f"ep_transport={ep_transport!r} is a shard_map transport but "
+            f"expert_parallel={expert_parallel!r}; set expert_parallel='shard_map' "
+            "(or ep_transport='capacity')"
         )
 
 

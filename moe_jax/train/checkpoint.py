@@ -62,8 +62,26 @@ def model_differences(
     return out
 
 
-# Model fields that change how a step is computed, not what the model is: a run may resume with another value.
-RUNTIME_MODEL_FIELDS = ("remat_policy",)
+# Model fields that change how a step is computed, not what the model is: a run may resume with another value
+# (all of them give the same results). Dotted names are fields of a sub-section.
+RUNTIME_MODEL_FIELDS = (
+    "remat_policy",
+    "moe.dispatch",
+    "moe.grouped_backend",
+    "moe.expert_parallel",
+    "moe.ep_transport",
+)
+
+
+def _without_runtime_fields(model: Mapping[str, Any]) -> dict:
+    out = dict(model)
+    for name in RUNTIME_MODEL_FIELDS:
+        section, _, field = name.rpartition(".")
+        if not section:
+            out.pop(field, None)
+        elif isinstance(out.get(section), Mapping):
+            out[section] = {k: v for k, v in out[section].items() if k != field}
+    return out
 
 
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -78,7 +96,7 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
             continue
         a, b = saved[key], current[key]
         if key == "model" and isinstance(a, Mapping) and isinstance(b, Mapping):
-            a, b = ({k: v for k, v in m.items() if k not in RUNTIME_MODEL_FIELDS} for m in (a, b))
+            a, b = _without_runtime_fields(a), _without_runtime_fields(b)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += model_differences(a, b, key)
         elif a != b:
