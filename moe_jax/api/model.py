@@ -43,6 +43,7 @@ from moe_jax.api.lm import (
     check_lm_meta,
 )
 from moe_jax.api.seq2seq import SEQ2SEQ_OPTIONS, SEQ2SEQ_TASKS, Seq2SeqTask, check_seq2seq_meta
+from moe_jax.api.speech import SPEECH_OPTIONS, SPEECH_TASK, SpeechTask, check_speech_meta
 from moe_jax.api.vision import (
     IMAGE_OPTIONS,
     IMAGE_TASK,
@@ -51,10 +52,11 @@ from moe_jax.api.vision import (
     check_images_meta,
     image_model_fields,
 )
+from moe_jax.models.speech import SpeechConfig
 from moe_jax.models.transformer import ModelConfig
 from moe_jax.models.vit import ViTConfig
 
-TASKS = (*SEQ2SEQ_TASKS, LM_TASK, FEATURE_TASK, IMAGE_TASK)
+TASKS = (*SEQ2SEQ_TASKS, LM_TASK, FEATURE_TASK, IMAGE_TASK, SPEECH_TASK)
 # 2: nested MoE config (model_config["moe"]) and one Block (ViT parameters self_attn / self_norm).
 _FORMAT_VERSION = 2
 # Options of every task that are not architecture fields: loss and optimizer knobs.
@@ -67,14 +69,15 @@ _COMMON_OPTIONS = {
 _TRANSFORMER_OPTIONS = {**SEQ2SEQ_OPTIONS, **FEATURE_OPTIONS, **_COMMON_OPTIONS}
 _IMAGE_OPTIONS = {**IMAGE_OPTIONS, **_COMMON_OPTIONS}
 _LM_OPTIONS = {**LM_OPTIONS, **_COMMON_OPTIONS}
-_TRAIN_ARGS = ("data", "labels", "epochs", "learning_rate", "batch_size", "verbose")
-_PREDICT_ARGS = ("data", "batch_size")
+_SPEECH_OPTIONS = {**SPEECH_OPTIONS, **_COMMON_OPTIONS}
+_TRAIN_ARGS = ("data", "labels", "epochs", "learning_rate", "batch_size", "verbose", "sample_rate")
+_PREDICT_ARGS = ("data", "batch_size", "sample_rate")
 _GENERATION_ARGS = tuple(f.name for f in dataclasses.fields(GenerationOptions))
 # capacity_factor="auto": 1.25 (the Switch / GShard training capacity), dropless for the language model.
 _AUTO_CAPACITY = 1.25
 
 
-class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
+class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask, SpeechTask):
     """A sparse Mixture-of-Experts Transformer you can train, use and save in a few lines.
 
     Sequence-to-sequence tasks (``'translation'``, ``'summarization'``, ``'seq2seq'``; the three are the
@@ -181,7 +184,8 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
             moe.update(moe_defaults)
             options, kind = _IMAGE_OPTIONS, "ViTConfig"
         else:
-            fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size", "moe"}
+            cfg_cls = SpeechConfig if task == SPEECH_TASK else ModelConfig
+            fields = {f.name for f in dataclasses.fields(cfg_cls)} - {"vocab_size", "moe"}
             model = {
                 "d_model": d_model,
                 "num_heads": 4 if d_model % 4 == 0 else 1,
@@ -191,7 +195,9 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
                 # The feature classifier is an encoder: no decoder blocks (so no causal-routing limits).
                 "num_decoder_layers": 0 if task == FEATURE_TASK else num_layers,
             }
-            options, kind = _TRANSFORMER_OPTIONS, "ModelConfig"
+            options, kind = _TRANSFORMER_OPTIONS, cfg_cls.__name__
+            if task == SPEECH_TASK:
+                options = _SPEECH_OPTIONS
             if task == LM_TASK:
                 fields -= {"num_encoder_layers"}
                 options = _LM_OPTIONS
@@ -229,7 +235,7 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
         if task == IMAGE_TASK:
             check_image_model_fields(model)
         else:
-            build_config(ModelConfig, model, vocab_size=1)
+            build_config(SpeechConfig if task == SPEECH_TASK else ModelConfig, model, vocab_size=1)
         self.task, self.seed = task, seed
         self._init_args = {
             "task": task,
@@ -268,6 +274,7 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
         learning_rate: float = 1e-3,
         batch_size: int = 32,
         verbose: bool = False,
+        sample_rate: int | None = None,
         **unknown,
     ) -> dict[str, list[float]]:
         """Trains the model (a second call continues from the current weights with a fresh optimizer).
@@ -283,6 +290,8 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
             batch_size: examples per update (≥ 1; capped at N); for the language model, packed rows of
                 ``seq_len`` tokens (capped at the rows of one epoch).
             verbose: print one line per epoch.
+            sample_rate: speech recognition only: the waveforms' rate in Hz (default 16000; fixed by the
+                first call; speech ``data`` is a list of 1-D sample arrays, ``labels`` their transcripts).
 
         Returns:
             ``{'loss': [...], 'accuracy': [...]}``: per-epoch means of the training loss (cross-entropy plus
@@ -302,7 +311,12 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
         learning_rate = check_positive_float("learning_rate", learning_rate)
         batch_size = check_int("batch_size", batch_size, 1)
         verbose = check_bool("verbose", verbose)
-        if self.task == LM_TASK:
+        self._check_speech_only(sample_rate)
+        if self.task == SPEECH_TASK:
+            rate = self._speech_rate(sample_rate)
+            inputs = self._check_waveforms(data, rate)
+            targets = self._check_texts(labels, "labels")
+        elif self.task == LM_TASK:
             check_lm_labels(labels)
             inputs, targets = self._check_documents(data, "data"), None
         elif self.is_seq2seq:
@@ -327,6 +341,8 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
                 batches, model, batch_size, steps_per_epoch = self._prepare_lm(inputs, batch_size, seed)
             elif self.is_seq2seq:
                 batches, model = self._prepare_seq2seq(inputs, targets, batch_size, seed)
+            elif self.task == SPEECH_TASK:
+                batches, model = self._prepare_speech(inputs, targets, batch_size, seed, rate)
             elif self.task == IMAGE_TASK:
                 batches, model = self._prepare_images(inputs, targets, batch_size, seed, epochs)
             else:
@@ -349,6 +365,7 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        sample_rate: int | None = None,
         **unknown,
     ):
         """Predicts outputs for ``data``.
@@ -398,6 +415,11 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
                 "the model is not trained yet: call train() (or SparseMoeModel.load()) before predict()"
             )
         batch_size = check_int("batch_size", batch_size, 1)
+        self._check_speech_only(sample_rate)
+        if self.task == SPEECH_TASK:
+            return self._predict_speech(
+                self._check_waveforms(data, self._speech_rate(sample_rate)), batch_size
+            )
         if lm:
             options = GenerationOptions.checked(**generation)
             prompts = self._check_documents(data, "data", allow_empty=True)
@@ -462,13 +484,13 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
             raise ValueError(
                 f"{config_path}: init_args are not valid SparseMoeModel arguments ({e})"
             ) from None
-        cfg_cls = ViTConfig if m.task == IMAGE_TASK else ModelConfig
+        cfg_cls = {IMAGE_TASK: ViTConfig, SPEECH_TASK: SpeechConfig}.get(m.task, ModelConfig)
         try:
             cfg = cfg_cls.from_mapping(config["model_config"], path="model_config")
         except (TypeError, ValueError) as e:
             raise ValueError(f"{config_path}: model_config is not a valid {cfg_cls.__name__} ({e})") from None
         meta = config["meta"]
-        if m.is_seq2seq or m.task == LM_TASK:
+        if m.is_seq2seq or m.task in (LM_TASK, SPEECH_TASK):
             from moe_jax.data.tokenizer import Tokenizer
 
             tokenizer_path = os.path.join(directory, saved.TOKENIZER)
@@ -494,6 +516,8 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
                 check_lm_meta(meta)
             elif m.is_seq2seq:
                 check_seq2seq_meta(meta)
+            elif m.task == SPEECH_TASK:
+                check_speech_meta(meta)
             elif m.task == IMAGE_TASK:
                 check_images_meta(meta, cfg)
             else:
@@ -524,6 +548,8 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
             return self._build_lm(cfg, rngs)
         if self.is_seq2seq:
             return self._build_seq2seq(cfg, rngs)
+        if self.task == SPEECH_TASK:
+            return self._build_speech(cfg, rngs)
         if self.task == IMAGE_TASK:
             return self._build_images(cfg, rngs)
         return self._build_features(cfg, rngs)
@@ -534,7 +560,14 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
         return nnx.merge(graphdef, jax.jit(lambda: nnx.state(self._build(cfg)))())
 
     def _model_config(self, **fields) -> ModelConfig:
-        return build_config(ModelConfig, self._model_fields, **fields)
+        cls = SpeechConfig if self.task == SPEECH_TASK else ModelConfig
+        return build_config(cls, self._model_fields, **fields)
+
+    def _check_speech_only(self, sample_rate) -> None:
+        if sample_rate is not None and self.task != SPEECH_TASK:
+            raise ValueError(
+                f"sample_rate is an argument of task='speech_recognition' only (task={self.task!r})"
+            )
 
     # ------------------------------------------------------------------ the loop
 
@@ -564,6 +597,8 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask):
             if self.task == LM_TASK
             else self._seq2seq_loss_sums
             if self.is_seq2seq
+            else self._speech_loss_sums
+            if self.task == SPEECH_TASK
             else self._images_loss_sums
             if self.task == IMAGE_TASK
             else self._features_loss_sums

@@ -7,6 +7,7 @@ from moe_jax.tasks.base import Task
 from moe_jax.tasks.classification import ImageClassificationTask
 from moe_jax.tasks.lm import LanguageModelingTask
 from moe_jax.tasks.seq2seq import Seq2SeqTask
+from moe_jax.tasks.speech import SpeechRecognitionTask
 from moe_jax.tasks.vlm import VLMTask
 
 TASKS: dict[str, type[Task]] = {
@@ -15,6 +16,7 @@ TASKS: dict[str, type[Task]] = {
     "image_classification": ImageClassificationTask,
     "vlm": VLMTask,
     "language_modeling": LanguageModelingTask,
+    "speech_recognition": SpeechRecognitionTask,
 }
 
 

@@ -83,6 +83,16 @@ def _seq2seq_logits_fn(model, inputs_XK, enc_XKD, max_len: int):
 def greedy_decode(model, inputs_BK: jax.Array, *, max_len: int, bos_id: int, eos_id: int) -> jax.Array:
     """Greedy decoding of a :class:`~moe_jax.models.Seq2SeqTransformer`; rows stop at their first EOS."""
     enc_BKD, _ = model.encode(inputs_BK, deterministic=True)
+    return greedy_decode_encoded(model, enc_BKD, inputs_BK, max_len=max_len, bos_id=bos_id, eos_id=eos_id)
+
+
+def greedy_decode_encoded(
+    model, enc_BKD: jax.Array, inputs_BK: jax.Array, *, max_len: int, bos_id: int, eos_id: int
+) -> jax.Array:
+    """:func:`greedy_decode` from an encoder output already computed (speech: encoded log-mel frames).
+
+    ``inputs_BK`` only marks the real encoder positions (non-zero), as ``model.decode`` reads it.
+    """
     B = inputs_BK.shape[0]
     tokens_BL = jnp.zeros((B, max_len), jnp.int32).at[:, 0].set(bos_id)
     start_B = jnp.ones((B,), jnp.int32)
@@ -162,8 +172,32 @@ def beam_search(
     model, inputs_BK: jax.Array, *, beam_size: int, max_len: int, bos_id: int, eos_id: int, alpha: float = 0.6
 ) -> jax.Array:
     """Beam search of a :class:`~moe_jax.models.Seq2SeqTransformer` (see :func:`beam`)."""
-    B, W = inputs_BK.shape[0], beam_size
     enc_BKD, _ = model.encode(inputs_BK, deterministic=True)
+    return beam_search_encoded(
+        model,
+        enc_BKD,
+        inputs_BK,
+        beam_size=beam_size,
+        max_len=max_len,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        alpha=alpha,
+    )
+
+
+def beam_search_encoded(
+    model,
+    enc_BKD: jax.Array,
+    inputs_BK: jax.Array,
+    *,
+    beam_size: int,
+    max_len: int,
+    bos_id: int,
+    eos_id: int,
+    alpha: float = 0.6,
+) -> jax.Array:
+    """:func:`beam_search` from an encoder output already computed (``inputs_BK``: non-zero = real)."""
+    B, W = inputs_BK.shape[0], beam_size
     enc_XKD = jnp.repeat(enc_BKD, W, axis=0)  # X = B·W flattened beams
     inputs_XK = jnp.repeat(inputs_BK, W, axis=0)
     logits_fn = _seq2seq_logits_fn(model, inputs_XK, enc_XKD, max_len)
