@@ -215,7 +215,12 @@ def collective_ici_bytes(line: str, num_devices: int) -> int:
 
 def ici_bytes(hlo_text: str, num_devices: int) -> int:
     """Bytes one chip receives over ICI per execution of the program."""
-    total = 0
+    return sum(ici_bytes_by_kind(hlo_text, num_devices).values())
+
+
+def ici_bytes_by_kind(hlo_text: str, num_devices: int) -> dict[str, int]:
+    """:func:`ici_bytes` split by collective kind."""
+    out: dict[str, int] = {}
     value_bytes = None
     for c in hlo_stats.collectives(hlo_text):
         received = collective_ici_bytes(c.line, num_devices)
@@ -225,8 +230,8 @@ def ici_bytes(hlo_text: str, num_devices: int) -> int:
             operand = _FIRST_OPERAND.search(c.line)
             if operand and operand.group(1) in value_bytes and c.result_bytes:
                 received = received * min(value_bytes[operand.group(1)], c.result_bytes) // c.result_bytes
-        total += received
-    return total
+        out[c.kind] = out.get(c.kind, 0) + received
+    return out
 
 
 _DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(\w+\[[\d,]*\])")
@@ -365,7 +370,8 @@ def model_flops(config, params: nnx.State) -> dict[str, float]:
 
 
 # --- One strategy ------------------------------------------------------------------------------------
-def _abstract(state, shardings):
+def abstract_like(state, shardings):
+    """The state as ``ShapeDtypeStruct`` s placed by ``shardings`` (compile without allocating it)."""
     return jax.tree.map(
         lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s)),
         state,
@@ -442,7 +448,7 @@ def plan_strategy(
         model, optimizer = nnx.eval_shape(init)
         graphdef, state = nnx.split((model, optimizer))
         state_sh = sharding.state_shardings(state, mesh, rules)
-        abstract_state = _abstract(state, state_sh)
+        abstract_state = abstract_like(state, state_sh)
         batch_spec = sharding.logical_to_spec(("act_batch",), rules, mesh.axis_names)
         batch_sh = jax.sharding.NamedSharding(mesh, batch_spec)
         batch_ways = math.prod(
