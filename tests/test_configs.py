@@ -20,6 +20,7 @@ from moe_jax.models import (
     ViTConfig,
     VLMConfig,
 )
+from moe_jax.models.speech import SpeechConfig, SpeechTransformer
 from moe_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,8 +44,10 @@ VARIANTS = {
     "vlm": ["default", "smoke", "coco_captions"],
     # The plan-only shapes (mixtral_8x7b, ...) are built and counted in tests/test_lm_configs.py.
     "lm": ["default", "dense", "smoke", "lm1b", "c4"],
+    "speech": ["default", "smoke", "librispeech"],
 }
-TASK = {"lm": "language_modeling"}  # config files named otherwise than their task
+# Config files named otherwise than their task.
+TASK = {"lm": "language_modeling", "speech": "speech_recognition"}
 VOCAB = 40  # the VLM's vocabulary comes from its tokenizer
 
 
@@ -55,12 +58,19 @@ def build_config(c):
         return ModelConfig.from_mapping(model, vocab_size=c.data.vocab_size)
     if c.task == "image_classification":
         return ViTConfig.from_mapping(model)
+    if c.task == "speech_recognition":
+        return SpeechConfig.from_mapping(model, vocab_size=VOCAB)
     return VLMConfig.from_mapping(model, vocab_size=VOCAB)
 
 
 def build_abstract(c):
     cfg = build_config(c)
-    models = {ModelConfig: Seq2SeqTransformer, ViTConfig: ViTClassifier, VLMConfig: VisionLanguageModel}
+    models = {
+        ModelConfig: Seq2SeqTransformer,
+        ViTConfig: ViTClassifier,
+        VLMConfig: VisionLanguageModel,
+        SpeechConfig: SpeechTransformer,
+    }
     cls = DecoderLM if c.task == "language_modeling" else models[type(cfg)]
     return nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
 
@@ -112,6 +122,8 @@ STRICT_SECTIONS = [
     ("vlm", "model.moe"),
     ("vlm", "model.vision"),
     ("vlm", "model.vision.moe"),
+    ("speech", "model"),
+    ("speech", "model.moe"),
 ]
 
 

@@ -17,6 +17,11 @@ Four model families sit behind one class, one module each:
   ``[N, H, W, C]`` (uint8 or float) and labels ``[N]``, through the V-MoE
   :class:`~moe_jax.models.vit.ViTClassifier` and the vision trainer's step.
 
+* Speech recognition (``task='speech_recognition'``, :mod:`moe_jax.api.speech`): a list of 1-D waveforms
+  (float or int16 samples, any lengths) and their transcripts, ``sample_rate=`` in Hz; log-mel features,
+  SpecAugment, convolutional subsampling and an MoE encoder-decoder over characters
+  (:class:`~moe_jax.models.speech.SpeechTransformer`); ``predict(waveforms)`` returns strings.
+
 All run on one device (no mesh); everything else (mesh, checkpoints, logging) is the job of
 ``python -m moe_jax.main``. Unless overridden, every Transformer block's FFN is an MoE layer.
 

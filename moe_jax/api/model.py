@@ -115,7 +115,9 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask, Spe
 
     Args:
         task: ``'translation'``, ``'summarization'``, ``'seq2seq'``, ``'language_modeling'``,
-            ``'classification'`` or ``'image_classification'``.
+            ``'classification'``, ``'image_classification'`` or ``'speech_recognition'`` (waveforms and
+            transcripts; any :class:`~moe_jax.models.speech.SpeechConfig` field may be overridden, see
+            :mod:`moe_jax.api.speech`).
         num_experts: experts per MoE layer.
         top_k: experts each token is routed to (1 ≤ top_k ≤ num_experts).
         d_model: model width.
