@@ -78,6 +78,9 @@ def main(argv):
     # Library logs (TFDS, Orbax's background writer) would bury the one-line errors; failures reach the
     # run as exceptions and are reported once below, progress goes to stdout.
     logging.set_verbosity(logging.FATAL)
+    from moe_jax import tpu_flags
+
+    tpu_flags.apply()  # before any backend exists (libtpu reads them once; nothing else reads them)
     from moe_jax.errors import ConfigError, NonFiniteLossError, RunInterrupted
     from moe_jax.train.loop import train_and_evaluate
     from moe_jax.train.workdir import resolve_workdir

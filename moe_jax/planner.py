@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moe_jax import hlo_stats, sharding, tpu_specs
+from moe_jax import hlo_stats, sharding, tpu_flags, tpu_specs
 from moe_jax.models import ModelConfig, Seq2SeqTransformer
 from moe_jax.train import optim, step
 
@@ -95,6 +95,7 @@ def load_topology(name: str):
     # libtpu takes /tmp/libtpu_lockfile so two processes never drive the same chips. Compiling opens no
     # chip, and on a shared host any JAX process with libtpu installed may hold that lock for its lifetime.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    tpu_flags.apply()  # plan what a TPU run compiles (no effect once libtpu is loaded in this process)
     from jax.experimental import topologies
 
     with _quiet_stderr():
