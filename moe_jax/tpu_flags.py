@@ -9,7 +9,8 @@ then stops the decomposition (it only applies with asynchronous all-gathers enab
 TPU training stacks (MaxText's v5p settings among them) pass through ``LIBTPU_INIT_ARGS``.
 
 libtpu reads ``LIBTPU_INIT_ARGS`` once, when it is loaded: :func:`apply` must run before the first TPU
-backend or topology is created in the process. Flags the user already set there are kept (theirs win).
+backend or topology is created in the process. Flags the user already set there are kept (theirs win);
+``MOE_JAX_TPU_FLAGS=0`` leaves ``LIBTPU_INIT_ARGS`` untouched.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def apply(environ=os.environ) -> str:
         The resulting ``LIBTPU_INIT_ARGS``.
     """
     current = environ.get(ENV, "")
+    if environ.get("MOE_JAX_TPU_FLAGS", "1") == "0":
+        return current
     named = {part.split("=", 1)[0] for part in current.split()}
     added = [flag for flag in FLAGS if flag.split("=", 1)[0] not in named]
     environ[ENV] = " ".join(part for part in [current.strip(), *added] if part)

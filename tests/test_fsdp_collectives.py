@@ -27,6 +27,7 @@ def test_flags_are_added_without_overriding_the_users():
     assert "--my_flag=1" in out.split() and "--xla_enable_async_all_gather=true" in out.split()
     assert tpu_flags.apply(env) == out  # idempotent
     assert tpu_flags.apply({}).split() == list(tpu_flags.FLAGS)
+    assert tpu_flags.apply({"MOE_JAX_TPU_FLAGS": "0"}) == ""
 
 
 def _plan(tmp_path, extra):
