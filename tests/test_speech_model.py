@@ -152,3 +152,37 @@ def test_error_rates_are_jiwer_percentages():
     # 1 substitution + 2 deletions over 5 reference words.
     assert rates["wer"] == pytest.approx(60.0)
     assert 0 < rates["cer"] <= 100
+
+
+def test_ctc_term_is_in_the_training_loss_only():
+    model = _build(_cfg(ctc_weight=0.3, freq_masks=0, time_masks=0, dropout_rate=0.0))
+    feats, frames, targets = _batch()
+    batch = {"features": feats, "num_frames": frames, "targets": targets}
+    # Labels longer than the encoder frames cannot be aligned (13 labels, 8 frames in row 1).
+    long_targets = jnp.asarray(np.r_[np.arange(5, 18), 3][None].repeat(2, 0).astype(np.int32))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        key = jax.random.key(0)
+        ce, aux_eval = speech_task.loss_sums(m, batch, dropout_key=key, deterministic=True)
+        mixed, aux_train = speech_task.loss_sums(m, batch, dropout_key=key, deterministic=False)
+        enc, mask, _ = m.encode_features(feats, frames)
+        return (
+            ce["loss_sum"],
+            mixed["loss_sum"],
+            m.ctc_loss(enc, mask, targets, eos_id=3),
+            m.ctc_loss(enc, mask, long_targets, eos_id=3),
+            {**aux_eval, **aux_train},
+        )
+
+    ce, mixed, ctc_B, ctc_long_B, layers = run(state)
+    assert set(layers) == {
+        "encoder/layer_0",
+        "decoder/layer_0",
+    }  # the CTC entry never reaches the routing sums
+    ctc_B = np.asarray(ctc_B)
+    assert np.all(np.isfinite(ctc_B)) and np.all(ctc_B > 0)
+    np.testing.assert_allclose(float(mixed), 0.7 * float(ce) + 0.3 * ctc_B.sum(), rtol=1e-5)
+    assert np.asarray(ctc_long_B)[1] == 0.0  # an unalignable utterance contributes nothing

@@ -41,6 +41,10 @@ class SpeechConfig(ModelConfig):
         time_masks, time_mask_width: time masks per utterance and their largest width (input frames); a
             mask never exceeds ``time_mask_ratio`` of the utterance's real frames.
         time_mask_ratio: cap of one time mask relative to the utterance length (SpecAugment's p).
+        ctc_weight: weight λ of a CTC loss on the encoder (a linear head over the same vocabulary, blank =
+            pad id 0) in training: loss = (1 − λ)·attention CE + λ·CTC, both per target token (joint
+            CTC-attention training, Kim et al. 2017: the CTC term forces monotonic alignments early, which
+            the attention decoder alone learns slowly). 0 builds no head.
 
     ``vocab_size`` and the Transformer fields are :class:`ModelConfig`'s; ``max_len`` bounds learned
     positions only (the default RoPE has no bound).
@@ -54,6 +58,7 @@ class SpeechConfig(ModelConfig):
     time_masks: int = 2
     time_mask_width: int = 20
     time_mask_ratio: float = 0.2
+    ctc_weight: float = 0.0
 
     _sections: ClassVar[dict[str, type]] = {"moe": MoeConfig}
 
@@ -69,6 +74,11 @@ class SpeechConfig(ModelConfig):
             from moe_jax.errors import ConfigError
 
             raise ConfigError(f"time_mask_ratio={ratio!r} must be in [0, 1]")
+        w = self.ctc_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= w < 1.0:
+            from moe_jax.errors import ConfigError
+
+            raise ConfigError(f"ctc_weight={w!r} must be in [0, 1)")
 
 
 def subsampled_lengths(num_frames_B: jax.Array, conv_layers: int) -> jax.Array:
@@ -77,6 +87,15 @@ def subsampled_lengths(num_frames_B: jax.Array, conv_layers: int) -> jax.Array:
     for _ in range(conv_layers):
         n_B = (n_B + 1) // 2
     return n_B
+
+
+def sinusoidal_positions(length: int, d_model: int) -> jax.Array:
+    """The Transformer's absolute sinusoidal encodings ``[L, D]`` (sin on even, cos on odd channels)."""
+    pos_L1 = jnp.arange(length, dtype=jnp.float32)[:, None]
+    inv_H = jnp.exp(-jnp.log(10_000.0) * jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)
+    out_LD = jnp.zeros((length, d_model), jnp.float32)
+    out_LD = out_LD.at[:, 0::2].set(jnp.sin(pos_L1 * inv_H))
+    return out_LD.at[:, 1::2].set(jnp.cos(pos_L1 * inv_H[: d_model // 2]))
 
 
 def spec_augment(
@@ -180,6 +199,16 @@ class SpeechTransformer(Seq2SeqTransformer):
     def __init__(self, cfg: SpeechConfig, *, bos_id: int = 2, rngs: nnx.Rngs):
         super().__init__(cfg, bos_id=bos_id, rngs=rngs)
         self.frontend = ConvSubsampling(cfg, rngs=rngs)
+        self.ctc_head = (
+            sharding.param(
+                nnx.initializers.lecun_normal()(
+                    rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype)
+                ),
+                ("embed", "vocab"),
+            )
+            if cfg.ctc_weight > 0
+            else None
+        )
 
     def encode_features(
         self, features_BTF, num_frames_B, *, dropout_key=None, deterministic=True
@@ -200,6 +229,10 @@ class SpeechTransformer(Seq2SeqTransformer):
             )
         x_BKD, n_B = self.frontend(features_BTF, num_frames_B)
         mask_BK = jnp.arange(x_BKD.shape[1])[None, :] < n_B[:, None]
+        # Absolute positions as well as the encoder's RoPE: cross-attention has no RoPE, and without them
+        # the decoder cannot tell where in the utterance a frame is (measured: with RoPE alone the decoder
+        # learned a language model of the transcripts and ignored the audio).
+        x_BKD = x_BKD + sinusoidal_positions(x_BKD.shape[1], cfg.d_model).astype(x_BKD.dtype)[None]
         x_BKD = dropout(x_BKD, cfg.dropout_rate, keys[1])
         positions_BK = jnp.broadcast_to(jnp.arange(x_BKD.shape[1], dtype=jnp.int32), mask_BK.shape)
         enc_BKD, aux = self.encoder(
@@ -212,12 +245,49 @@ class SpeechTransformer(Seq2SeqTransformer):
         )
         return enc_BKD, mask_BK, aux
 
-    def __call__(self, features_BTF, num_frames_B, targets_BL, *, dropout_key=None, deterministic=True):
-        """Teacher-forced logits for ``targets_BL`` (pad 0): ``(logits_BLV, aux)``."""
+    def ctc_loss(self, enc_BKD, mask_BK, targets_BL, eos_id: int) -> jax.Array:
+        """Per-utterance CTC loss ``[B]`` of the targets (EOS and pad left out; blank = 0).
+
+        An utterance with fewer encoder frames than its labels need cannot be aligned; its loss is 0.
+        """
+        import optax
+
+        logits_BKV = jnp.einsum(
+            "bkd,dv->bkv",
+            enc_BKD,
+            self.ctc_head[...].astype(enc_BKD.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        labels_BL = jnp.where(targets_BL == eos_id, 0, targets_BL)
+        label_pad_BL = (labels_BL == 0).astype(jnp.float32)
+        loss_B = optax.ctc_loss(
+            logits_BKV, 1.0 - mask_BK.astype(jnp.float32), labels_BL, label_pad_BL, blank_id=0
+        )
+        repeats_B = jnp.sum((labels_BL[:, 1:] == labels_BL[:, :-1]) & (labels_BL[:, 1:] != 0), axis=1)
+        feasible_B = mask_BK.sum(1) >= (labels_BL != 0).sum(1) + repeats_B
+        return jnp.where(feasible_B, loss_B, 0.0)
+
+    def __call__(
+        self,
+        features_BTF,
+        num_frames_B,
+        targets_BL,
+        *,
+        dropout_key=None,
+        deterministic=True,
+        eos_id: int | None = None,
+    ):
+        """Teacher-forced logits for ``targets_BL`` (pad 0): ``(logits_BLV, aux)``.
+
+        With ``eos_id`` and a CTC head, ``aux`` also holds ``"ctc": {"loss_B": [B]}`` (not a MoE layer:
+        the task pops it before the train step sums the routing losses).
+        """
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
         enc_BKD, mask_BK, enc_aux = self.encode_features(
             features_BTF, num_frames_B, dropout_key=keys[0], deterministic=deterministic
         )
+        if self.ctc_head is not None and eos_id is not None:
+            enc_aux = {**enc_aux, "ctc": {"loss_B": self.ctc_loss(enc_BKD, mask_BK, targets_BL, eos_id)}}
         logits_BLV, dec_aux = self.decode(
             shift_right(targets_BL, self.bos_id),
             enc_BKD,

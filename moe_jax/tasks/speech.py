@@ -37,21 +37,32 @@ def error_rates(hyps: list[str], refs: list[str]) -> dict[str, float]:
     return {"wer": 100.0 * float(jiwer.wer(refs, hyps)), "cer": 100.0 * float(jiwer.cer(refs, hyps))}
 
 
-def loss_sums(model, batch, *, dropout_key, deterministic, label_smoothing: float = 0.0):
-    """Teacher-forced transcript cross-entropy (pad 0 weighs nothing; ``row_weight`` if given)."""
+def loss_sums(model, batch, *, dropout_key, deterministic, label_smoothing: float = 0.0, eos_id: int = 3):
+    """Teacher-forced transcript cross-entropy (pad 0 weighs nothing; ``row_weight`` if given).
+
+    In training with ``model.cfg.ctc_weight`` λ > 0 the summed loss is (1 − λ)·CE + λ·CTC (the CTC loss of
+    each utterance summed, so both terms are per target token once divided by the token count).
+    Evaluation reports the attention cross-entropy alone, so ``val_loss`` and perplexity stay comparable.
+    """
     targets_BL = batch["targets"]
     weights_BL = (targets_BL != 0).astype(jnp.float32)
     if "row_weight" in batch:
         weights_BL = weights_BL * batch["row_weight"][:, None]
+    ctc_weight = 0.0 if deterministic else float(model.cfg.ctc_weight)
     logits_BLV, aux = model(
         batch["features"],
         batch["num_frames"],
         targets_BL,
         dropout_key=dropout_key,
         deterministic=deterministic,
+        eos_id=eos_id if ctc_weight else None,
     )
     ce_sum, correct = cross_entropy(logits_BLV, targets_BL, weights_BL, label_smoothing)
-    return {"loss_sum": ce_sum, "correct_sum": correct, "weight_sum": weights_BL.sum()}, aux
+    loss_sum = ce_sum
+    if ctc_weight:
+        ctc_B = aux.pop("ctc")["loss_B"]
+        loss_sum = (1.0 - ctc_weight) * ce_sum + ctc_weight * jnp.sum(ctc_B * weights_BL.max(axis=1))
+    return {"loss_sum": loss_sum, "correct_sum": correct, "weight_sum": weights_BL.sum()}, aux
 
 
 def greedy_transcribe(model, features_BTF, num_frames_B, *, max_len: int, bos_id: int, eos_id: int):
@@ -92,6 +103,8 @@ class SpeechRecognitionTask(Task):
         "tokenizer_model_type",
         "lowercase",
     )
+
+    eos_id = 3  # the project tokenizer's fixed EOS (moe_jax.data.tokenizer.EOS_ID)
 
     def validate(self, config, *, data_parallel: int) -> None:
         d, m = config.data, config.model
@@ -138,6 +151,7 @@ class SpeechRecognitionTask(Task):
             dropout_key=dropout_key,
             deterministic=deterministic,
             label_smoothing=self.label_smoothing,
+            eos_id=self.eos_id,
         )
 
     # -- decoding ----------------------------------------------------------------------------------------
