@@ -64,8 +64,9 @@ def get_config(variant: str = "default"):
     c.model.time_masks = 2
     c.model.time_mask_width = 20
     c.model.time_mask_ratio = 0.2
-    # Joint CTC-attention training (the CTC head on the encoder, 30% of the training loss). Without it the
-    # attention decoder of this size learned a language model of the transcripts and ignored the audio.
+    # Joint CTC-attention training (the CTC head on the encoder, 30% of the training loss). A 1,500-step
+    # trial without it (and without absolute positions, at 8x subsampling) learned a language model of the
+    # transcripts and ignored the audio; the three changes together fixed that (not ablated one by one).
     c.model.ctc_weight = 0.3
     c.model.d_model = 128
     c.model.num_heads = 4
