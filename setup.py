@@ -27,7 +27,7 @@ INSTALL_REQUIRES = [
     # Hugging Face checkpoints in and out (moe_jax.interop.hf) read and write safetensors with NumPy.
     "safetensors>=0.4",
     # Speech recognition: log-mel features (librosa; soxr resampling comes with it) and WER/CER (jiwer).
-    # The offline speech corpus also needs the espeak-ng program, a Debian package (apt-get install espeak-ng).
+    # The offline speech corpus also needs espeak-ng, a Debian package (apt-get install espeak-ng).
     "librosa>=0.10",
     "jiwer>=3.0",
 ]

@@ -189,7 +189,8 @@ class SpeechData:
             # Padding rows: no frames and no target tokens, so they weigh nothing anywhere.
             arrays = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in arrays.items()}
             arrays["row_weight"] = np.array([1.0] * len(examples) + [0.0] * pad, np.float32)
-            arrays["text"] = [normalize_text(_to_str(e["text"]), self.lowercase) for e in examples] + [""] * pad
+            texts = [normalize_text(_to_str(e["text"]), self.lowercase) for e in examples]
+            arrays["text"] = texts + [""] * pad
             yield arrays
 
 
