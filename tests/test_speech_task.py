@@ -13,6 +13,8 @@ from tests.test_real_data_configs import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# ~40 s on a loaded 2-core machine (compiles the train and eval steps and greedy + beam decoding): slow set.
+@pytest.mark.slow
 def test_smoke_trains_from_the_command_line_on_a_relative_workdir(tmp_path):
     code, err, out = run_cli(
         [
