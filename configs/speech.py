@@ -17,8 +17,9 @@ Variants (``--config=configs/speech.py:VARIANT``):
         utterances per training sentence from 16 voices = 4 accents × 4 variants, rates 150-210 wpm, 3
         pitches, clean or white noise at 30/20/10 dB SNR; the held-out voice is en-gb-x-gbcwmd+f4);
         d_model 128, 4 encoder + 3 decoder blocks, MoE (8 experts, top-2, capacity 1.25) in encoder
-        blocks 1 and 3 and decoder block 1; CTC weight 0.3; batch 32; 1,200 steps. Hardware: 2 CPU cores. Time and result: see
-        the README's speech section (raw output in ``experiments/results/speech_default/``).
+        blocks 1 and 3 and decoder block 1; CTC weight 0.3; batch 32; 1,200 steps. Hardware: 2 CPU cores.
+        Time and result: see the README's speech section (raw output in
+        ``experiments/results/speech_default/``).
     smoke: ``espeak_speech/tiny`` and a tiny model for a few steps (tests; seconds).
     librispeech: LibriSpeech 960 h... here ``train_clean100`` → ``dev_clean`` / ``test_clean`` and
         ``test_other``, 1,024 SentencePiece pieces, d_model 256, 12 + 6 blocks, 16 experts top-2, bf16.
