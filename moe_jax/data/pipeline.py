@@ -156,20 +156,16 @@ class Seq2SeqData:
         Returns:
           A ``grain.DatasetIterator`` of ``{'inputs': int32[B, Li], 'targets': int32[B, Lt]}``.
         """
-        dataset = grain.MapDataset.source(self.sources["train"])
-        if num_shards > 1:
-            dataset = dataset[shard_index::num_shards]
-        if len(dataset) == 0:
-            raise DatasetUnavailableError(f"{self.name}: the train split (shard {shard_index}) is empty")
-        dataset = (
-            dataset.shuffle(seed=seed)
-            .repeat(None)
-            .batch(batch_size, drop_remainder=True, batch_fn=self._encoder())
+        return shuffled_train_iterator(
+            self.sources["train"],
+            self.name,
+            batch_size,
+            self._encoder(),
+            seed=seed,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            num_threads=self.num_threads,
         )
-        read_options = grain.ReadOptions(
-            num_threads=self.num_threads, prefetch_buffer_size=4 * self.num_threads
-        )
-        return iter(dataset.to_iter_dataset(read_options))
 
     def eval_batches(
         self, split: str, batch_size: int, *, max_examples: int | None = None
@@ -376,3 +372,32 @@ def seq2seq_data_from_pairs(
         max_target_len=max_target_len,
         name="in_memory",
     )
+
+
+def shuffled_train_iterator(
+    source,
+    name: str,
+    batch_size: int,
+    batch_fn,
+    *,
+    seed: int,
+    shard_index: int,
+    num_shards: int,
+    num_threads: int,
+) -> grain.DatasetIterator:
+    """This process's shard of a train split: shuffled every epoch, endless, batched by ``batch_fn``,
+    checkpointable.
+
+    Raises:
+        DatasetUnavailableError: the shard is empty.
+    """
+    dataset = grain.MapDataset.source(source)
+    if num_shards > 1:
+        dataset = dataset[shard_index::num_shards]
+    if len(dataset) == 0:
+        raise DatasetUnavailableError(f"{name}: the train split (shard {shard_index}) is empty")
+    dataset = (
+        dataset.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
+    )
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * num_threads)
+    return iter(dataset.to_iter_dataset(read_options))

@@ -27,8 +27,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from moe_jax.data.errors import DatasetUnavailableError
-from moe_jax.data.pipeline import _pad_rows, prepared_source
+from moe_jax.data.pipeline import _pad_rows, prepared_source, shuffled_train_iterator
 from moe_jax.data.tokenizer import Tokenizer
 
 OFFLINE_SPEECH = ("espeak_speech",)
@@ -160,20 +159,16 @@ class SpeechData:
         self, batch_size: int, *, seed: int, shard_index: int = 0, num_shards: int = 1
     ) -> grain.DatasetIterator:
         """An endless, checkpointable iterator of training batches (a fresh permutation every epoch)."""
-        dataset = grain.MapDataset.source(self.sources["train"])
-        if num_shards > 1:
-            dataset = dataset[shard_index::num_shards]
-        if len(dataset) == 0:
-            raise DatasetUnavailableError(f"{self.name}: the train split (shard {shard_index}) is empty")
-        dataset = (
-            dataset.shuffle(seed=seed)
-            .repeat(None)
-            .batch(batch_size, drop_remainder=True, batch_fn=self.featurizer())
+        return shuffled_train_iterator(
+            self.sources["train"],
+            self.name,
+            batch_size,
+            self.featurizer(),
+            seed=seed,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            num_threads=self.num_threads,
         )
-        read_options = grain.ReadOptions(
-            num_threads=self.num_threads, prefetch_buffer_size=4 * self.num_threads
-        )
-        return iter(dataset.to_iter_dataset(read_options))
 
     def eval_batches(
         self, split: str, batch_size: int, *, max_examples: int | None = None
