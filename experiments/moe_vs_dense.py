@@ -38,6 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 ARMS = ("moe", "dense_active", "dense_total")
+# Task scores shown beside the losses when every arm reports them (translation BLEU, speech WER).
+HEADLINE_METRICS = ("test_bleu", "test_beam_wer", "test_voice_beam_wer")
 
 
 def load_config(spec: str, overrides=()):
@@ -164,7 +166,10 @@ def table(results: dict, summary: dict) -> str:
     has_bpb = any("val_bits_per_byte" in r["final"] for r in results.values())
     head = "| arm | params (total) | active / token | FFN width | val loss | val ppl |"
     head += " val bits/byte |" if has_bpb else ""
-    head += " test loss | train s | s/step |"
+    head += " test loss |"
+    headline = [k for k in HEADLINE_METRICS if all(k in r["final"] for r in results.values())]
+    head += "".join(f" {k} |" for k in headline)
+    head += " train s | s/step |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for arm, r in results.items():
         f = r["final"]
@@ -173,7 +178,8 @@ def table(results: dict, summary: dict) -> str:
             f"{f['val_loss']:.4f} | {f.get('val_perplexity', float('nan')):.2f} |"
         )
         row += f" {f['val_bits_per_byte']:.4f} |" if has_bpb else ""
-        row += f" {f['test_loss']:.4f} | {f['train_seconds']:.0f} | {f['train_seconds'] / r['steps']:.3f} |"
+        row += f" {f['test_loss']:.4f} |" + "".join(f" {f[k]:.2f} |" for k in headline)
+        row += f" {f['train_seconds']:.0f} | {f['train_seconds'] / r['steps']:.3f} |"
         lines.append(row)
     lines.append("")
     reach = summary.get("moe_steps_to_dense_active_final")

@@ -138,3 +138,20 @@ def test_missing_espeak_is_one_error_line(tmp_path, monkeypatch):
         ]
     )
     assert_one_error(code, err, 2, "espeak-ng is not installed", "apt-get install espeak-ng")
+
+
+@pytest.mark.parametrize(
+    "buckets, needle", [("(0,)", "distinct positive lengths"), ("(160,300)", "above the cap 240")]
+)
+def test_bad_frame_buckets_are_one_error_line(tmp_path, buckets, needle):
+    work = tmp_path / "work"
+    code, err, _ = run_cli(
+        [
+            "--config=configs/speech.py:smoke",
+            f"--workdir={work}",
+            f"--config.data_dir={tmp_path / 'data'}",
+            f"--config.data.frame_buckets={buckets}",
+        ]
+    )
+    assert_one_error(code, err, 2, "config.data.frame_buckets", needle)
+    assert not (tmp_path / "data").exists()  # refused before any corpus is prepared

@@ -15,6 +15,13 @@ then each mel bin standardised over the utterance's frames (per-utterance mean a
 no corpus statistics to compute or store, and loudness and noise-floor differences between voices cancel).
 Utterances longer than ``max_frames`` are cut there (the configs size it to the corpus), transcripts
 longer than ``max_target_len`` tokens likewise (EOS kept).
+
+Training batches pad to ``max_frames`` or, with ``frame_buckets`` set, are length-bucketed
+(``moe_jax/data/bucketing.py``): utterances of similar length share a batch, padded to the smallest bucket
+that holds the longest, so the step compiles once per bucket and little compute goes to padding. The
+per-utterance frame counts this needs are read once and cached beside the tokenizers. Evaluation batches
+always pad to ``max_frames``: a transcript then never depends on which utterances share its batch (the MoE
+capacity of an utterance's routing group follows its padded length).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from moe_jax.data.bucketing import bucket_length, bucketed_train_iterator, check_buckets
 from moe_jax.data.pipeline import _pad_rows, prepared_source, shuffled_train_iterator
 from moe_jax.data.tokenizer import Tokenizer
 
@@ -105,15 +113,20 @@ class _Featurize:
     max_frames: int
     max_target_len: int
     lowercase: bool = True
+    frame_buckets: tuple[int, ...] = ()  # pad to the smallest that fits the batch; () pads to max_frames
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
         B = len(examples)
-        features = np.zeros((B, self.max_frames, self.num_mel_bins), np.float32)
+        feats = [
+            normalize_features(log_mel(as_float_samples(e["speech"]), self.sample_rate, self.num_mel_bins))[
+                : self.max_frames
+            ]
+            for e in examples
+        ]
+        padded = bucket_length(max((len(f) for f in feats), default=0), self.frame_buckets, self.max_frames)
+        features = np.zeros((B, padded, self.num_mel_bins), np.float32)
         frames = np.zeros((B,), np.int32)
-        for i, example in enumerate(examples):
-            feats_TF = normalize_features(
-                log_mel(as_float_samples(example["speech"]), self.sample_rate, self.num_mel_bins)
-            )[: self.max_frames]
+        for i, feats_TF in enumerate(feats):
             features[i, : len(feats_TF)] = feats_TF
             frames[i] = len(feats_TF)
         texts = [normalize_text(_to_str(e["text"]), self.lowercase) for e in examples]
@@ -133,6 +146,10 @@ class SpeechData:
       lowercase: fold transcripts to lower case.
       name: the dataset, for logs.
       num_threads: Grain reader threads for training batches.
+      frame_buckets: padded lengths of length-bucketed training batches (``()``: random batches padded to
+        ``max_frames``).
+      bucket_window: batches whose utterances are sorted by length together.
+      lengths_dir: where the per-utterance frame counts are cached (``None``: computed, not stored).
     """
 
     tokenizer: Tokenizer
@@ -144,8 +161,11 @@ class SpeechData:
     lowercase: bool = True
     name: str = ""
     num_threads: int = 2
+    frame_buckets: tuple[int, ...] = ()
+    bucket_window: int = 32
+    lengths_dir: str | None = None
 
-    def featurizer(self) -> _Featurize:
+    def featurizer(self, frame_buckets: tuple[int, ...] = ()) -> _Featurize:
         return _Featurize(
             self.tokenizer,
             self.sample_rate,
@@ -153,12 +173,48 @@ class SpeechData:
             self.max_frames,
             self.max_target_len,
             self.lowercase,
+            frame_buckets,
         )
+
+    def frame_counts(self, split: str) -> np.ndarray:
+        """Log-mel frames of every utterance of ``split`` (cut at ``max_frames``), cached when possible."""
+        source = self.sources[split]
+        path = None
+        if self.lengths_dir:
+            path = os.path.join(
+                self.lengths_dir, self.name.replace("/", "_"), f"{split}_frames_{self.sample_rate}hz.npy"
+            )
+            if os.path.exists(path):
+                cached = np.load(path)
+                if len(cached) == len(source):
+                    return np.minimum(cached, self.max_frames)
+        counts = np.array(
+            [num_frames(len(source[i]["speech"]), self.sample_rate) for i in range(len(source))], np.int64
+        )
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp{os.getpid()}.npy"
+            np.save(tmp, counts)
+            os.replace(tmp, path)  # a reader never sees a half-written file
+        return np.minimum(counts, self.max_frames)
 
     def train_iter(
         self, batch_size: int, *, seed: int, shard_index: int = 0, num_shards: int = 1
     ) -> grain.DatasetIterator:
         """An endless, checkpointable iterator of training batches (a fresh permutation every epoch)."""
+        if self.frame_buckets:
+            return bucketed_train_iterator(
+                self.sources["train"],
+                self.name,
+                batch_size,
+                self.featurizer(self.frame_buckets),
+                lengths_N=self.frame_counts("train"),
+                seed=seed,
+                shard_index=shard_index,
+                num_shards=num_shards,
+                num_threads=self.num_threads,
+                window_batches=self.bucket_window,
+            )
         return shuffled_train_iterator(
             self.sources["train"],
             self.name,
@@ -215,14 +271,21 @@ def make_speech_data(data_config, *, data_dir: str) -> SpeechData:
     Fields: ``source`` (``espeak_speech`` or a TFDS name such as ``librispeech``), ``builder_config``,
     ``splits`` (role → split name), ``sample_rate``, ``num_mel_bins``, ``max_frames``, ``max_target_len``,
     ``vocab_size``, ``tokenizer_model_type`` (``char`` or ``unigram``), ``tokenizer_train_examples``,
-    ``lowercase``, ``num_threads``; optional ``builder_kwargs`` for the offline builder.
+    ``lowercase``, ``num_threads``, ``frame_buckets`` (length-bucketed training batches; empty: off) and
+    ``bucket_window``; optional ``builder_kwargs`` for the offline builder.
 
     Raises:
         DatasetUnavailableError: espeak-ng or the catalogs are missing, or a TFDS dataset is not prepared.
+        ValueError: ``frame_buckets`` is not a list of distinct lengths up to ``max_frames``.
     """
     data_dir = os.path.expanduser(data_dir)
     splits = dict(getattr(data_config, "splits", None) or {s: s for s in ("train", "validation", "test")})
     lowercase = bool(getattr(data_config, "lowercase", True))
+    buckets = check_buckets(
+        getattr(data_config, "frame_buckets", None) or (),
+        int(data_config.max_frames),
+        "config.data.frame_buckets",
+    )
     if data_config.source in OFFLINE_SPEECH:
         from moe_jax.data.builders.espeak_speech import EspeakSpeech
 
@@ -250,4 +313,7 @@ def make_speech_data(data_config, *, data_dir: str) -> SpeechData:
         lowercase=lowercase,
         name=name,
         num_threads=int(getattr(data_config, "num_threads", 2) or 2),
+        frame_buckets=buckets,
+        bucket_window=int(getattr(data_config, "bucket_window", 32) or 32),
+        lengths_dir=os.path.join(data_dir, "lengths"),
     )

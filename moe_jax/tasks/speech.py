@@ -113,6 +113,12 @@ class SpeechRecognitionTask(Task):
                 f"config.model.num_mel_bins={m.num_mel_bins} must equal config.data.num_mel_bins="
                 f"{d.num_mel_bins} (set both, or only config.data.num_mel_bins)"
             )
+        from moe_jax.data.bucketing import check_buckets
+
+        try:
+            check_buckets(d.get("frame_buckets") or (), int(d.max_frames), "config.data.frame_buckets")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for split in config.eval.decode_splits:
             if split not in d.splits:
                 raise ConfigError(
