@@ -19,10 +19,11 @@ Variants (``--config=configs/speech.py:VARIANT``):
         length-bucketed training batches padded to 144, 208, 272 or 352 frames);
         d_model 128, 4 encoder + 3 decoder blocks, MoE (8 experts, top-2, capacity 1.25) in encoder
         blocks 1 and 3 and decoder block 1; CTC weight 0.3; batch 32; 1,200 steps. Hardware: 2 CPU cores.
-        Time and result: see the README's speech section (raw output in
-        ``experiments/results/speech_default/``).
+        Time: measured 12 min 57 s wall with the corpus prepared inside the run (training 567 s).
+        Expected: measured test WER 46.2 beam / 55.9 greedy, held-out voice 61.5 / 74.4, from 100 at step
+        0 (README speech section; raw output in ``experiments/results/speech_default/``).
     smoke: ``espeak_speech/tiny`` and a tiny model for a few steps (tests; seconds).
-    librispeech: LibriSpeech 960 h... here ``train_clean100`` → ``dev_clean`` / ``test_clean`` and
+    librispeech: LibriSpeech ``train_clean100`` → ``dev_clean`` / ``test_clean`` and
         ``test_other``, 1,024 SentencePiece pieces, d_model 256, 12 + 6 blocks, 16 experts top-2, bf16.
         Needs the TFDS data prepared once (``pip install 'moe_jax[tf]' && tfds build librispeech
         --file_format=array_record``; TFDS's librispeech builder itself needs TensorFlow and Apache Beam).
