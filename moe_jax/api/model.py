@@ -1,9 +1,10 @@
 """``SparseMoeModel``: the class behind ``from moe_jax import SparseMoeModel`` (see the package docstring).
 
 The task families live in their own modules as mixins that share this class's state (``_model``,
-``_meta``, ``_extras`` ...): :mod:`moe_jax.api.seq2seq`, :mod:`moe_jax.api.lm`, :mod:`moe_jax.api.features`
-and :mod:`moe_jax.api.vision`. This module holds what is common: argument checks, the training loop, save and
-load.
+``_meta``, ``_extras`` ...): :mod:`moe_jax.api.seq2seq`, :mod:`moe_jax.api.lm`, :mod:`moe_jax.api.features`,
+:mod:`moe_jax.api.vision` and :mod:`moe_jax.api.speech`; the constructor's argument checks are in
+:mod:`moe_jax.api.arguments`. This module holds what is common: the checks of train and predict, the
+training loop, save and load.
 """
 
 from __future__ import annotations
@@ -19,62 +20,41 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
-from moe_jax.api import saved
+from moe_jax.api import arguments, saved
 from moe_jax.api._common import (
-    MOE_OPTIONS,
     NotTrainedError,
     build_config,
     check_bool,
     check_int,
     check_labels,
     check_no_unknown,
-    check_nonnegative_float,
     check_positive_float,
-    split_model_overrides,
 )
-from moe_jax.api.features import FEATURE_OPTIONS, FEATURE_TASK, FeatureTask, check_features_meta
+from moe_jax.api.features import FeatureTask, check_features_meta
 from moe_jax.api.lm import (
-    LM_OPTIONS,
     LM_TASK,
-    MIN_VOCAB,
     GenerationOptions,
     LanguageModelTask,
     check_lm_labels,
     check_lm_meta,
 )
-from moe_jax.api.seq2seq import SEQ2SEQ_OPTIONS, SEQ2SEQ_TASKS, Seq2SeqTask, check_seq2seq_meta
-from moe_jax.api.speech import SPEECH_OPTIONS, SPEECH_TASK, SpeechTask, check_speech_meta
+from moe_jax.api.seq2seq import SEQ2SEQ_TASKS, Seq2SeqTask, check_seq2seq_meta
+from moe_jax.api.speech import SPEECH_TASK, SpeechTask, check_speech_meta
 from moe_jax.api.vision import (
-    IMAGE_OPTIONS,
     IMAGE_TASK,
     ImageTask,
-    check_image_model_fields,
     check_images_meta,
-    image_model_fields,
 )
 from moe_jax.models.speech import SpeechConfig
 from moe_jax.models.transformer import ModelConfig
 from moe_jax.models.vit import ViTConfig
 
-TASKS = (*SEQ2SEQ_TASKS, LM_TASK, FEATURE_TASK, IMAGE_TASK, SPEECH_TASK)
+TASKS = arguments.TASKS
 # 2: nested MoE config (model_config["moe"]) and one Block (ViT parameters self_attn / self_norm).
 _FORMAT_VERSION = 2
-# Options of every task that are not architecture fields: loss and optimizer knobs.
-_COMMON_OPTIONS = {
-    "lb_weight": 0.01,  # load-balancing loss weight
-    "z_weight": 1e-3,  # router z-loss weight
-    "warmup_steps": None,  # linear warmup; default 10% of the steps (at most 100)
-}
-# The Transformer tasks (seq2seq and feature classification) have always accepted each other's options.
-_TRANSFORMER_OPTIONS = {**SEQ2SEQ_OPTIONS, **FEATURE_OPTIONS, **_COMMON_OPTIONS}
-_IMAGE_OPTIONS = {**IMAGE_OPTIONS, **_COMMON_OPTIONS}
-_LM_OPTIONS = {**LM_OPTIONS, **_COMMON_OPTIONS}
-_SPEECH_OPTIONS = {**SPEECH_OPTIONS, **_COMMON_OPTIONS}
 _TRAIN_ARGS = ("data", "labels", "epochs", "learning_rate", "batch_size", "verbose", "sample_rate")
 _PREDICT_ARGS = ("data", "batch_size", "sample_rate")
 _GENERATION_ARGS = tuple(f.name for f in dataclasses.fields(GenerationOptions))
-# capacity_factor="auto": 1.25 (the Switch / GShard training capacity), dropless for the language model.
-_AUTO_CAPACITY = 1.25
 
 
 class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask, SpeechTask):
@@ -162,94 +142,21 @@ class SparseMoeModel(Seq2SeqTask, LanguageModelTask, FeatureTask, ImageTask, Spe
         seed: int = 0,
         **model_overrides,
     ):
-        if not isinstance(task, str) or task not in TASKS:
-            raise ValueError(f"task={task!r} is unknown; choose one of {TASKS}")
-        num_experts = check_int("num_experts", num_experts, 1)
-        if (
-            isinstance(top_k, bool)
-            or not isinstance(top_k, int | np.integer)
-            or not 1 <= top_k <= num_experts
-        ):
-            raise ValueError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}]")
-        d_model = check_int("d_model", d_model, 1)
-        num_layers = check_int("num_layers", num_layers, 1)
-        if isinstance(capacity_factor, str) and capacity_factor == "auto":
-            capacity_factor = None if task == LM_TASK else _AUTO_CAPACITY
-        if capacity_factor is not None:
-            capacity_factor = check_positive_float("capacity_factor", capacity_factor)
-        seed = check_int("seed", seed, 0)
-        moe = {"num_experts": num_experts, "top_k": int(top_k), "capacity_factor": capacity_factor}
-        if task == IMAGE_TASK:
-            fields, model, moe_defaults = image_model_fields(
-                d_model=d_model, num_layers=num_layers, capacity_factor=capacity_factor
-            )
-            moe.update(moe_defaults)
-            options, kind = _IMAGE_OPTIONS, "ViTConfig"
-        else:
-            cfg_cls = SpeechConfig if task == SPEECH_TASK else ModelConfig
-            fields = {f.name for f in dataclasses.fields(cfg_cls)} - {"vocab_size", "moe"}
-            model = {
-                "d_model": d_model,
-                "num_heads": 4 if d_model % 4 == 0 else 1,
-                "d_ff": 2 * d_model,
-                # The language model is a decoder: no encoder blocks.
-                "num_encoder_layers": 0 if task == LM_TASK else num_layers,
-                # The feature classifier is an encoder: no decoder blocks (so no causal-routing limits).
-                "num_decoder_layers": 0 if task == FEATURE_TASK else num_layers,
-            }
-            options, kind = _TRANSFORMER_OPTIONS, cfg_cls.__name__
-            if task == SPEECH_TASK:
-                options = _SPEECH_OPTIONS
-            if task == LM_TASK:
-                fields -= {"num_encoder_layers"}
-                options = _LM_OPTIONS
-                # Generation routes dropless unless asked otherwise: the KV-cached decode then reproduces
-                # the full forward's logits exactly (see DecoderLM).
-                moe["eval_capacity_factor"] = None
-        unknown = sorted(set(model_overrides) - fields - set(MOE_OPTIONS) - set(options))
-        if unknown:
-            raise ValueError(
-                f"unknown model_overrides {unknown} for task={task!r}; choose {kind} fields "
-                f"{sorted(fields)}, MoE fields {sorted(MOE_OPTIONS)} or {sorted(options)}"
-            )
-        extras = split_model_overrides(model_overrides, model, moe, options)
-        if "layers" not in moe:  # every block MoE unless moe_layers says otherwise
-            depth = model.get(
-                "num_layers", max(model.get("num_encoder_layers", 0), model.get("num_decoder_layers", 0))
-            )
-            moe["layers"] = tuple(range(depth))
-        model["moe"] = moe
-        check_int("num_heads", model["num_heads"], 1)
-        if not model.get("head_dim") and d_model % model["num_heads"]:
-            raise ValueError(f"d_model={d_model} must be divisible by num_heads={model['num_heads']}")
-        minimum = {"warmup_steps": 0, "seq_len": 2}
-        ints = ("vocab_size", "max_input_len", "max_target_len", "seq_len", "patch_size", "warmup_steps")
-        for name in ints:
-            if extras.get(name) is not None:
-                check_int(name, extras[name], minimum.get(name, 1))
-        if task == LM_TASK and extras["vocab_size"] is not None and extras["vocab_size"] < MIN_VOCAB:
-            raise ValueError(
-                f"vocab_size={extras['vocab_size']} is too small for task='language_modeling': its byte-"
-                f"fallback vocabulary holds 4 special ids and 256 byte pieces, so it needs >= {MIN_VOCAB}"
-            )
-        for name in ("lb_weight", "z_weight"):
-            check_nonnegative_float(name, extras[name])
-        if task == IMAGE_TASK:
-            check_image_model_fields(model)
-        else:
-            build_config(SpeechConfig if task == SPEECH_TASK else ModelConfig, model, vocab_size=1)
-        self.task, self.seed = task, seed
+        r = arguments.resolve(
+            task, num_experts, top_k, d_model, num_layers, capacity_factor, seed, model_overrides
+        )
+        self.task, self.seed = r.task, r.seed
         self._init_args = {
-            "task": task,
-            "num_experts": num_experts,
-            "top_k": int(top_k),
-            "d_model": d_model,
-            "num_layers": num_layers,
-            "capacity_factor": capacity_factor,
-            "seed": seed,
+            "task": r.task,
+            "num_experts": r.num_experts,
+            "top_k": r.top_k,
+            "d_model": r.d_model,
+            "num_layers": r.num_layers,
+            "capacity_factor": r.capacity_factor,
+            "seed": r.seed,
             **model_overrides,
         }
-        self._model_fields, self._extras = model, extras
+        self._model_fields, self._extras = r.model, r.extras
         self._model: nnx.Module | None = None
         self._tokenizer = None  # seq2seq and language modelling
         self._meta: dict[str, Any] = {}  # data shaping decided at the first train() call
