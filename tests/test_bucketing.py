@@ -24,7 +24,7 @@ def test_bucket_length_picks_the_smallest_that_fits():
     [
         ((0, 16), "positive"),
         ((16, 16), "distinct"),
-        ((16, 96), "above the cap 80"),
+        ((16, 96), "above cap=80"),
         ("ab", "list of lengths"),
     ],
 )

@@ -141,7 +141,8 @@ def test_missing_espeak_is_one_error_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "buckets, needle", [("(0,)", "distinct positive lengths"), ("(160,300)", "above the cap 240")]
+    "buckets, needle",
+    [("(0,)", "distinct positive lengths"), ("(160,300)", "above config.data.max_frames=240")],
 )
 def test_bad_frame_buckets_are_one_error_line(tmp_path, buckets, needle):
     work = tmp_path / "work"

@@ -54,6 +54,7 @@ def test_librispeech_variant_trains_one_step_on_mock_data(tmp_path):
     assert c.data.source == "librispeech" and set(c.data.splits) >= {"train", "test", "test_other"}
     c.data_dir = str(tmp_path / "data")
     c.data.update(max_frames=64, max_target_len=16, vocab_size=40, tokenizer_model_type="char")
+    c.data.frame_buckets = (32,)  # length-bucketed training batches of 32 or 64 frames
     c.model.update(d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1, num_decoder_layers=1)
     c.model.update(conv_channels=4, dtype="float32", freq_mask_width=4, time_mask_width=8)
     c.model.moe.update(layers=(0,), num_experts=4, top_k=2)

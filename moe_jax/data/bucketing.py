@@ -30,7 +30,7 @@ def bucket_length(longest: int, buckets: Sequence[int], cap: int) -> int:
     return cap
 
 
-def check_buckets(buckets: Sequence[int], cap: int, field: str) -> tuple[int, ...]:
+def check_buckets(buckets: Sequence[int], cap: int, field: str, cap_field: str = "cap") -> tuple[int, ...]:
     """``buckets`` as a sorted tuple of distinct positive lengths ``<= cap``.
 
     Raises:
@@ -43,7 +43,9 @@ def check_buckets(buckets: Sequence[int], cap: int, field: str) -> tuple[int, ..
     if any(b <= 0 for b in values) or len(set(values)) != len(values):
         raise ValueError(f"{field}={values} must be distinct positive lengths")
     if values and max(values) > cap:
-        raise ValueError(f"{field}={values} has a length above the cap {cap}; drop it or raise the cap")
+        raise ValueError(
+            f"{field}={values} has a length above {cap_field}={cap}; drop it or raise {cap_field}"
+        )
     return tuple(sorted(values))
 
 

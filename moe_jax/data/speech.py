@@ -285,6 +285,7 @@ def make_speech_data(data_config, *, data_dir: str) -> SpeechData:
         getattr(data_config, "frame_buckets", None) or (),
         int(data_config.max_frames),
         "config.data.frame_buckets",
+        "config.data.max_frames",
     )
     if data_config.source in OFFLINE_SPEECH:
         from moe_jax.data.builders.espeak_speech import EspeakSpeech

@@ -116,7 +116,12 @@ class SpeechRecognitionTask(Task):
         from moe_jax.data.bucketing import check_buckets
 
         try:
-            check_buckets(d.get("frame_buckets") or (), int(d.max_frames), "config.data.frame_buckets")
+            check_buckets(
+                d.get("frame_buckets") or (),
+                int(d.max_frames),
+                "config.data.frame_buckets",
+                "config.data.max_frames",
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         for split in config.eval.decode_splits:
