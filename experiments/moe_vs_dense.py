@@ -266,7 +266,9 @@ def main(argv=None) -> dict:
         json.dump({"summary": summary, "arms": results}, f, indent=1, default=float)
     text = table(results, summary)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(f"`python experiments/moe_vs_dense.py --config={args.config} --steps {steps}`\n\n" + text)
+        overrides = "".join(f" --set {kv}" for kv in args.set)
+        command = f"python experiments/moe_vs_dense.py --config={args.config} --steps {steps}{overrides}"
+        f.write(f"`{command}`\n\n" + text)
     print(text, flush=True)
     plot(results, os.path.join(out, "curves.png"), f"{args.config}, {steps} steps")
     print(f"wrote {out}/results.json, results.md, curves.png", flush=True)
