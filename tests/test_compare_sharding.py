@@ -21,6 +21,26 @@ def test_compare_dp_and_ep_on_smoke_config(tmp_path):
     assert (out / "results.md").exists() and (out / "results.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        "configs/lm.py:smoke",  # dropless grouped MoE under GSPMD, untied embeddings
+        pytest.param("configs/translation.py:smoke", marks=pytest.mark.slow),  # capacity MoE, tied
+    ],
+)
+def test_fsdp_presets_compile_without_involuntary_full_rematerialization(config, tmp_path, capfd):
+    """GSPMD warns when a sharding constraint can only be met by replicating a tensor and slicing it again.
+    The fsdp presets used to trigger it twice: the embedding lookup from a table sharded over ``embed`` (its
+    gradient had to go from batch- to embed-sharded), and the GSPMD grouped expert matmuls with weights
+    sharded over ``embed``. Both now gather those weights first, as fsdp gathers every other weight."""
+    out = tmp_path / "cmp"
+    argv = [f"--config={config}", "--strategies=fsdp,ep_fsdp", f"--out={out}", "--steps=1"]
+    assert compare_sharding.main(argv) == 0
+    captured = capfd.readouterr()  # file descriptors: the partitioner logs from C++ to fd 2
+    assert "[2/2] ep_fsdp" in captured.out
+    assert "Involuntary full rematerialization" not in captured.err
+
+
 def test_unknown_strategy_is_exit_2(tmp_path, capsys):
     assert (
         compare_sharding.main(

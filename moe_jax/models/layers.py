@@ -85,7 +85,11 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, ids_BL: jax.Array) -> jax.Array:
-        x_BLD = jnp.take(self.table[...], ids_BL, axis=0).astype(self.dtype)
+        # Gathered like a weight (fsdp shards ``embed``) before the lookup: gathering rows of a D-sharded
+        # table gives D-sharded rows, and their gradient would have to go from batch- to D-sharded through
+        # a full replica (GSPMD's "involuntary full rematerialization").
+        table_VD = sharding.constrain(self.table[...], ("vocab", "act_embed"))
+        x_BLD = jnp.take(table_VD, ids_BL, axis=0).astype(self.dtype)
         return x_BLD * jnp.asarray(self.d_model**0.5, self.dtype) if self.scale else x_BLD
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:

@@ -378,11 +378,12 @@ class MoeLayer(nnx.Module):
             kind = self._dispatcher(capacity)
             if kind == "grouped":
                 backend = dispatch_lib.resolve_grouped_backend(self.grouped_backend, jnp.dtype(self.dtype))
+                gathered = lambda w, axes: None if w is None else sharding.constrain(w, axes)
                 experts_grouped = functools.partial(
                     experts_lib.expert_ffn_grouped,
-                    w_gate_EDF=w_gate,
-                    w_up_EDF=w_up,
-                    w_down_EFD=w_down,
+                    w_gate_EDF=gathered(w_gate, ("expert", "act_embed", "mlp")),
+                    w_up_EDF=gathered(w_up, ("expert", "act_embed", "mlp")),
+                    w_down_EFD=gathered(w_down, ("expert", "mlp", "act_embed")),
                     activation=self.activation,
                     backend=backend,
                 )
