@@ -89,9 +89,10 @@ def collectives(hlo_text: str) -> list[Collective]:
             continue
         step = _STEP_OF.search(line)
         if step:
-            if (m.group(2), step.groups()) in steps_seen:
+            key = (m.group(2), step.groups())
+            if key in steps_seen:
                 continue
-            steps_seen.add((m.group(2), step.groups()))
+            steps_seen.add(key)
         if fusion_output is not None and m.group(2) == "all-reduce":
             # Rewritten as the reduce-scatter line it stands for, so the group and byte parsers read it alike.
             line = line[: m.start(1)] + fusion_output + " reduce-scatter(" + line[m.end() :]

@@ -36,19 +36,15 @@ def _all_gather(name, operand, channel, chain):
 # separate all-gather of the same shape (its own channel).
 _MULTI_STEP_ALL_GATHER = "\n".join(
     [
-        "%fused_computation.1 (param_0.1: bf16[32,1,128]) -> (bf16[32,1,128], bf16[256,1,128]) {",
-        _all_gather("all-gather.1", "param_0.1", 106, 22),
-        "}",
-        "%async_collective_fusion.2 (param_0.2: bf16[32,1,128]) -> (bf16[8,32,128], bf16[256,1,128]) {",
-        _all_gather("all-gather.2", "param_0.2", 106, 22),
-        "}",
-        "%async_collective_fusion.3 (param_0.3: bf16[32,1,128]) -> (bf16[8,32,128], bf16[256,1,128]) {",
-        _all_gather("all-gather.3", "param_0.3", 106, 22),
-        "}",
-        "ENTRY %main (p: bf16[32,1,128]) -> bf16[256,1,128] {",
-        _all_gather("all-gather.4", "p", 107, 23),
-        "}",
+        line
+        for i, name in enumerate(["fused_computation"] + ["async_collective_fusion"] * 2, 1)
+        for line in (
+            f"%{name}.{i} (param_0.{i}: bf16[32,1,128]) -> (bf16[8,32,128], bf16[256,1,128]) {{",
+            _all_gather(f"all-gather.{i}", f"param_0.{i}", 106, 22),
+            "}",
+        )
     ]
+    + ["ENTRY %main (p: bf16[32,1,128]) -> bf16[256,1,128] {", _all_gather("all-gather.4", "p", 107, 23), "}"]
 )
 
 
@@ -68,7 +64,7 @@ def test_the_steps_of_one_async_collective_count_once():
     (first, second) = hlo_stats.collectives(_MULTI_STEP_ALL_GATHER)
     assert first.kind == second.kind == "all-gather"
     assert first.result_bytes == second.result_bytes == 256 * 128 * 2
-    assert 'channel_id=106' in first.line and 'channel_id=107' in second.line
+    assert "channel_id=106" in first.line and "channel_id=107" in second.line
     assert planner.ici_bytes(_MULTI_STEP_ALL_GATHER, num_devices=8) == 2 * (256 * 128 * 2) * 7 // 8
 
 

@@ -378,6 +378,8 @@ class MoeLayer(nnx.Module):
             kind = self._dispatcher(capacity)
             if kind == "grouped":
                 backend = dispatch_lib.resolve_grouped_backend(self.grouped_backend, jnp.dtype(self.dtype))
+                # Under fsdp the weights' embed dim is gathered first, as for every other weight; grouped
+                # matmuls on embed-sharded weights make GSPMD replicate whole activation gradients.
                 gathered = lambda w, axes: None if w is None else sharding.constrain(w, axes)
                 experts_grouped = functools.partial(
                     experts_lib.expert_ffn_grouped,
