@@ -20,6 +20,15 @@ FLOPs) and each arm's ``metrics.jsonl`` / ``final_metrics.json`` into ``--out``.
 
     python experiments/moe_vs_dense.py --config=configs/lm.py --steps 1500
     python experiments/moe_vs_dense.py --config=configs/translation.py --steps 2000
+
+``--budgets=0.7[,0.8]`` adds MoE arms trained for those fractions of the steps, each with a complete
+learning-rate schedule of its own length (warmup, then decay to the end). Under a decaying schedule a point
+70% into the full run has not annealed yet, so "reaches the dense final at 70% of the steps" read off the
+full run's curve understates an MoE that is given 70% of the steps to train; the budget arms measure that.
+
+``--reuse=DIR`` takes an arm from an earlier run's ``DIR/results.json`` instead of training it again when
+that arm's config is exactly the one this run builds (training is deterministic for a given config, data and
+seed, so the result would be the same); e.g. a sweep over expert counts trains the dense arm once.
 """
 
 from __future__ import annotations
@@ -94,6 +103,75 @@ def arm_config(base, arm: str, steps: int, eval_every: int):
         moe.selection_bias = False
         c.loss.update(lb_weight=0.0, z_weight=0.0)  # constant for one expert: nothing to balance
     return c
+
+
+def canonical(config) -> dict:
+    """A config as ``results.json`` stores it (tuples become lists), for comparing configs."""
+    return json.loads(json.dumps(config if isinstance(config, dict) else config.to_dict(), default=str))
+
+
+def same_training(a: dict, b: dict) -> bool:
+    """Whether two canonical configs train the same model the same way.
+
+    A model without MoE layers (``moe.layers=()``) never reads the rest of its ``moe`` section, so e.g. the
+    dense arms of ``--set model.moe.num_experts=16`` and ``=32`` are the same run.
+    """
+
+    def used(c: dict) -> dict:
+        c = copy.deepcopy(c)
+        if c["model"]["moe"].get("layers") == []:
+            c["model"]["moe"] = {"layers": []}
+        return c
+
+    return used(a) == used(b)
+
+
+def budget_arm_name(fraction: float) -> str:
+    """The name of the MoE arm trained for ``fraction`` of the steps (``--budgets``), e.g. ``moe_70pct``."""
+    return f"moe_{100 * fraction:g}pct"
+
+
+def stored_arm_config(results: dict, arm: str) -> dict | None:
+    """The config an earlier run (its ``results.json`` contents) trained ``arm`` with, or None."""
+    r = results["arms"].get(arm)
+    if r is None or ("config" not in r and arm not in ARMS):
+        return None
+    if "config" in r:
+        return canonical(r["config"])
+    # Runs written before arms stored their config: rebuild it from the command (its first evaluation step
+    # is the evaluation interval).
+    s = results["summary"]
+    base = load_config(s["config"], s["overrides"])
+    return canonical(arm_config(base, arm, s["steps"], r["curve_steps"][0]))
+
+
+def data_fingerprint(batch: dict) -> str:
+    """SHA-256 of a batch's arrays (the first training batch: same tokenizer, corpus and order)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for key in sorted(batch):
+        array = np.ascontiguousarray(np.asarray(batch[key]))
+        digest.update(f"{key}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def reusable_arm(reuse_dir: str, arm: str, config, fingerprint: str) -> dict | None:
+    """The arm's results from ``reuse_dir`` if it was trained with exactly ``config`` on the same data."""
+    path = os.path.join(reuse_dir, "results.json")
+    if not reuse_dir or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    stored = stored_arm_config(results, arm)
+    if stored is None or not same_training(stored, canonical(config)):
+        return None
+    if results["summary"].get("data_fingerprint", fingerprint) != fingerprint:
+        return None
+    return results["arms"][arm]
 
 
 def model_size(task, config, data) -> dict[str, int]:
@@ -182,6 +260,9 @@ def table(results: dict, summary: dict) -> str:
         row += f" {f['train_seconds']:.0f} | {f['train_seconds'] / r['steps']:.3f} |"
         lines.append(row)
     lines.append("")
+    for arm, r in results.items():
+        if r.get("reused_from"):
+            lines.append(f"The {arm} arm is the one in {r['reused_from']} (same config and data).")
     reach = summary.get("moe_steps_to_dense_active_final")
     if reach is None:
         lines.append(
@@ -194,6 +275,13 @@ def table(results: dict, summary: dict) -> str:
             f"({summary['dense_active_final_val_loss']:.4f}) at step {reach:.0f} of {summary['steps']} "
             f"({100 * reach / summary['steps']:.0f}% of the steps; the goal is <= 70%)."
         )
+    for arm, budget in summary.get("budgets", {}).items():
+        verdict = "reaches" if budget["reaches_dense_active_final"] else "does not reach"
+        lines.append(
+            f"Trained for {budget['steps']} steps with a schedule of that length ({arm}), the MoE {verdict} "
+            f"the dense_active final: validation loss {budget['final_val_loss']:.4f} vs "
+            f"{summary['dense_active_final_val_loss']:.4f}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -205,7 +293,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--arms", default="moe,dense_active", help=f"comma-separated, from {ARMS}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--out", default="", help="default: experiments/results/moe_vs_dense_<config>")
+    parser.add_argument("--reuse", default="", metavar="DIR", help="reuse arms of DIR/results.json")
+    parser.add_argument(
+        "--budgets",
+        default="",
+        metavar="F,...",
+        help="extra MoE arms trained for these fractions of --steps, each with its own complete schedule",
+    )
     args = parser.parse_args(argv)
+    try:
+        budgets = [float(f) for f in args.budgets.split(",") if f.strip()]
+    except ValueError:
+        budgets = [-1.0]
+    if any(not 0.0 < f < 1.0 for f in budgets):
+        parser.error(f"--budgets={args.budgets}: comma-separated fractions of --steps in (0, 1), e.g. 0.7")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
     if bad or "dense_active" not in arms or "moe" not in arms:
@@ -226,11 +327,23 @@ def main(argv=None) -> dict:
     data = task.load_data(base)
     first_batch = next(data.train_iter(int(base.train.batch_size), seed=int(base.seed)))
     tokens_per_step = task.count_tokens(first_batch)
+    fingerprint = data_fingerprint(first_batch)
 
+    # (name, kind, steps): the requested arms, then one MoE arm per budget with its own complete schedule.
+    runs = [(arm, arm, steps) for arm in arms]
+    runs += [(budget_arm_name(f), "moe", round(f * steps)) for f in budgets]
     results = {}
-    for arm in arms:
-        config = arm_config(base, arm, steps, eval_every)
+    for arm, kind, arm_steps in runs:
+        config = arm_config(base, kind, arm_steps, eval_every)
         workdir = os.path.join(out, arm)
+        previous = reusable_arm(args.reuse, arm, config, fingerprint)
+        if previous is not None:
+            if os.path.abspath(args.reuse) != os.path.abspath(out):
+                shutil.rmtree(workdir, ignore_errors=True)
+                shutil.copytree(os.path.join(args.reuse, arm), workdir)
+            results[arm] = {**previous, "config": canonical(config), "reused_from": args.reuse}
+            print(f"=== {arm}: the same config as in {args.reuse}; its results reused", flush=True)
+            continue
         shutil.rmtree(workdir, ignore_errors=True)  # every run of the experiment starts fresh
         print(f"=== {arm}", flush=True)
         t0 = time.time()
@@ -239,17 +352,18 @@ def main(argv=None) -> dict:
         params = model_size(get_task(config), config, data)
         curve_steps, curve_loss = _eval_curve(workdir)
         results[arm] = {
-            "steps": steps,
+            "steps": arm_steps,
             "params": params,
-            "ffn_width": ffn_widths(base)["active"] if arm != "dense_total" else ffn_widths(base)["total"],
+            "ffn_width": ffn_widths(base)["active"] if kind != "dense_total" else ffn_widths(base)["total"],
             "tokens_per_step": tokens_per_step,
             "train_flops_per_step": 6.0 * params["matmul"] * tokens_per_step,
             "final": final,
             "wall_seconds": time.time() - t0,
             "curve_steps": curve_steps,
             "curve_val_loss": curve_loss,
+            "config": canonical(config),
         }
-        if arm == "moe":
+        if kind == "moe":
             results[arm]["ffn_width"] = f"{base.model.moe.top_k}x{base.model.moe.d_ff or base.model.d_ff}"
     target = results["dense_active"]["final"]["val_loss"]
     reach = steps_to_reach(results["moe"]["curve_steps"], results["moe"]["curve_val_loss"], target)
@@ -257,16 +371,27 @@ def main(argv=None) -> dict:
         "config": args.config,
         "overrides": args.set,
         "steps": steps,
+        "data_fingerprint": fingerprint,
         "dense_active_final_val_loss": target,
         "moe_steps_to_dense_active_final": reach,
         "moe_step_fraction": None if reach is None else reach / steps,
         "moe_minus_dense_active_final_val_loss": results["moe"]["final"]["val_loss"] - target,
+        "budgets": {
+            budget_arm_name(f): {
+                "steps": results[budget_arm_name(f)]["steps"],
+                "final_val_loss": results[budget_arm_name(f)]["final"]["val_loss"],
+                "reaches_dense_active_final": results[budget_arm_name(f)]["final"]["val_loss"] <= target,
+            }
+            for f in budgets
+        },
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"summary": summary, "arms": results}, f, indent=1, default=float)
     text = table(results, summary)
     with open(os.path.join(out, "results.md"), "w") as f:
         overrides = "".join(f" --set {kv}" for kv in args.set)
+        overrides += f" --reuse={args.reuse}" if args.reuse else ""
+        overrides += f" --budgets={args.budgets}" if budgets else ""
         command = f"python experiments/moe_vs_dense.py --config={args.config} --steps {steps}{overrides}"
         f.write(f"`{command}`\n\n" + text)
     print(text, flush=True)
