@@ -262,7 +262,10 @@ def table(results: dict, summary: dict) -> str:
     lines.append("")
     for arm, r in results.items():
         if r.get("reused_from"):
-            lines.append(f"The {arm} arm is the one in {r['reused_from']} (same config and data).")
+            lines.append(
+                f"The {arm} arm is the one in {r['reused_from']} (same config and data, not trained again; "
+                "its train s are those of that run)."
+            )
     reach = summary.get("moe_steps_to_dense_active_final")
     if reach is None:
         lines.append(

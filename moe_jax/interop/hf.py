@@ -440,4 +440,3 @@ def save(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
