@@ -28,7 +28,8 @@ full run's curve understates an MoE that is given 70% of the steps to train; the
 
 ``--reuse=DIR`` takes an arm from an earlier run's ``DIR/results.json`` instead of training it again when
 that arm's config is exactly the one this run builds (training is deterministic for a given config, data and
-seed, so the result would be the same); e.g. a sweep over expert counts trains the dense arm once.
+seed, so the result would be the same); e.g. a sweep over expert counts trains the dense arm once. The
+reused arm's files stay in ``DIR/<arm>/``; ``results.json`` names that run (``reused_from``).
 """
 
 from __future__ import annotations
@@ -340,11 +341,12 @@ def main(argv=None) -> dict:
         config = arm_config(base, kind, arm_steps, eval_every)
         workdir = os.path.join(out, arm)
         previous = reusable_arm(args.reuse, arm, config, fingerprint)
-        if previous is not None:
-            if os.path.abspath(args.reuse) != os.path.abspath(out):
-                shutil.rmtree(workdir, ignore_errors=True)
-                shutil.copytree(os.path.join(args.reuse, arm), workdir)
-            results[arm] = {**previous, "config": canonical(config), "reused_from": args.reuse}
+        if previous is not None:  # its metrics.jsonl etc. stay where they are, in the run it came from
+            results[arm] = {
+                **previous,
+                "config": canonical(config),
+                "reused_from": previous.get("reused_from") or args.reuse,
+            }
             print(f"=== {arm}: the same config as in {args.reuse}; its results reused", flush=True)
             continue
         shutil.rmtree(workdir, ignore_errors=True)  # every run of the experiment starts fresh
