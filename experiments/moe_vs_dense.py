@@ -334,8 +334,9 @@ def main(argv=None) -> dict:
     fingerprint = data_fingerprint(first_batch)
 
     # (name, kind, steps): the requested arms, then one MoE arm per budget with its own complete schedule.
+    budget_arms = [budget_arm_name(f) for f in budgets]
     runs = [(arm, arm, steps) for arm in arms]
-    runs += [(budget_arm_name(f), "moe", round(f * steps)) for f in budgets]
+    runs += [(name, "moe", round(f * steps)) for name, f in zip(budget_arms, budgets)]
     results = {}
     for arm, kind, arm_steps in runs:
         config = arm_config(base, kind, arm_steps, eval_every)
@@ -382,22 +383,22 @@ def main(argv=None) -> dict:
         "moe_step_fraction": None if reach is None else reach / steps,
         "moe_minus_dense_active_final_val_loss": results["moe"]["final"]["val_loss"] - target,
         "budgets": {
-            budget_arm_name(f): {
-                "steps": results[budget_arm_name(f)]["steps"],
-                "final_val_loss": results[budget_arm_name(f)]["final"]["val_loss"],
-                "reaches_dense_active_final": results[budget_arm_name(f)]["final"]["val_loss"] <= target,
+            name: {
+                "steps": results[name]["steps"],
+                "final_val_loss": results[name]["final"]["val_loss"],
+                "reaches_dense_active_final": results[name]["final"]["val_loss"] <= target,
             }
-            for f in budgets
+            for name in budget_arms
         },
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"summary": summary, "arms": results}, f, indent=1, default=float)
     text = table(results, summary)
     with open(os.path.join(out, "results.md"), "w") as f:
-        overrides = "".join(f" --set {kv}" for kv in args.set)
-        overrides += f" --reuse={args.reuse}" if args.reuse else ""
-        overrides += f" --budgets={args.budgets}" if budgets else ""
-        command = f"python experiments/moe_vs_dense.py --config={args.config} --steps {steps}{overrides}"
+        flags = "".join(f" --set {kv}" for kv in args.set)
+        flags += f" --reuse={args.reuse}" if args.reuse else ""
+        flags += f" --budgets={args.budgets}" if budgets else ""
+        command = f"python experiments/moe_vs_dense.py --config={args.config} --steps {steps}{flags}"
         f.write(f"`{command}`\n\n" + text)
     print(text, flush=True)
     plot(results, os.path.join(out, "curves.png"), f"{args.config}, {steps} steps")
